@@ -1,0 +1,28 @@
+//! mqtt-gateway takes MQTT messages off a broker and, for each flow defined in the `flows`
+//! table, stores them in MariaDB or POSTs them to an HTTP endpoint. It is a drop-in
+//! replacement for a Python service: same tables, environment, rows, counters, bodies and log
+//! lines.
+//!
+//! Where things live, in the order a message travels:
+//! - [`config`]: the environment variables, read once; secrets kept out of logs.
+//! - [`mqtt`]: the broker session, its event loop, reconnects and subscriptions.
+//! - [`processor`]: decodes each message, matches flows, validates, hands to a sink, acks.
+//! - [`flows`]: flow rows checked into flows that can work; topic filters; payload schemas.
+//! - [`sinks`]: one module per action: `store_db`, `post_endpoint`.
+//! - [`pyfmt`]: the Python renderings of values the original stored and sent.
+//! - [`db`]: the pool, migrations, and queries on `mqtt_servers` and `flows`.
+//! - [`reload`]: periodic and SIGHUP reload of the flows.
+//! - [`logging`]: the original's log format, stderr and daily files.
+//! - [`app`]: startup in the original's order, and an orderly shutdown.
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod flows;
+pub mod logging;
+pub mod mqtt;
+pub mod processor;
+pub mod pyfmt;
+pub mod reload;
+pub mod sinks;
+pub mod tls;

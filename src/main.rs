@@ -1,0 +1,82 @@
+//! The `mqtt-gateway` binary: reads the configuration, sets up logging, runs the gateway until
+//! SIGTERM or SIGINT, and turns the outcome into the original's exit status.
+
+use mqtt_gateway::app::{self, RunError};
+use mqtt_gateway::config::Settings;
+use mqtt_gateway::logging;
+use std::process::ExitCode;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// Worker threads get room for the deepest payload the processor accepts.
+const THREAD_STACK: usize = 8 * 1024 * 1024;
+
+fn main() -> ExitCode {
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(error) => {
+            // Logging is not configured yet; LOG_DIR is still honoured if it is readable.
+            let log_dir: Option<std::path::PathBuf> = std::env::var_os("LOG_DIR")
+                .filter(|d| !d.is_empty())
+                .map(Into::into);
+            let _ = logging::init(log_dir.as_deref());
+            tracing::error!("Fatal error during startup: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(error) = logging::init(settings.log_dir.as_deref()) {
+        let _ = logging::init(None);
+        tracing::error!("Fatal error during startup: cannot create LOG_DIR: {error}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(THREAD_STACK)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!("Fatal error during startup: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        match app::run(settings, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(RunError::Startup(error)) => {
+                tracing::error!("Fatal error during startup: {error:#}");
+                ExitCode::FAILURE
+            }
+            Err(RunError::Runtime(error)) => {
+                tracing::error!("Gateway failed: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// The first SIGTERM or SIGINT starts an orderly shutdown; a second one ends the process at
+/// once, for an operator who does not want to wait for slow endpoints.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("Cannot install SIGTERM/SIGINT handlers");
+        return;
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!("Shutting down: finishing the messages in hand");
+            shutdown.cancel();
+        }
+    }
+    tracing::warn!("Second signal: exiting without finishing");
+    std::process::exit(1);
+}

@@ -1,0 +1,382 @@
+//! The broker session: owns the MQTT connection and its event loop.
+//!
+//! The event loop is polled without pause, whatever the database or endpoints are doing, so
+//! keepalive pings and acknowledgements always flow. Incoming messages are handed to the
+//! processor through a bounded channel. With QoS 1 (the default) the broker never has more
+//! unacknowledged messages out than its in-flight window, so that hand-over does not wait.
+//!
+//! After a lost connection it reconnects with capped exponential backoff and jitter, and
+//! subscribes every current flow's filter again, whatever the broker says it remembers.
+
+use crate::config::MqttSettings;
+use crate::db::BrokerRow;
+use crate::flows::FlowSet;
+use rand::Rng;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
+    Packet, Publish, QoS, SubscribeReasonCode,
+};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// MQTT's largest packet: the broker decides what size is acceptable, not us. A smaller limit
+/// would make rumqttc drop the connection on a large message, which a persistent session
+/// would then redeliver forever.
+const MAX_PACKET: usize = 268_435_455;
+/// Requests (acks, subscriptions) queued for the event loop; acks are tiny.
+const REQUEST_QUEUE: usize = 10_000;
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// How long the initial subscriptions may take before startup fails.
+const SUBACK_TIMEOUT: Duration = Duration::from_secs(30);
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the first connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot connect to MQTT broker {address}: {source}")]
+    Connect {
+        address: String,
+        source: ConnectionError,
+    },
+    #[error("no SUBACK from the broker within {0:?}")]
+    SubscribeTimeout(Duration),
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+pub fn qos(level: u8) -> QoS {
+    if level == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// Client options from the chosen `mqtt_servers` row and the environment.
+pub fn options(settings: &MqttSettings, broker: &BrokerRow) -> MqttOptions {
+    let port = broker
+        .port
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(1883);
+    let mut options = MqttOptions::new(&settings.client_id, &broker.host, port);
+    options
+        .set_keep_alive(settings.keepalive)
+        .set_clean_session(settings.clean_session)
+        .set_manual_acks(true)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_request_channel_capacity(REQUEST_QUEUE);
+    // As the original: credentials only when both are given and non-empty.
+    if let (Some(user), Some(password)) = (&broker.username, &broker.password) {
+        if !user.is_empty() && !password.is_empty() {
+            options.set_credentials(user, password);
+        }
+    }
+    options
+}
+
+/// The MQTT 3.1.1 CONNACK return code, the number operators know from the original's log line.
+fn return_code(code: ConnectReturnCode) -> u8 {
+    match code {
+        ConnectReturnCode::Success => 0,
+        ConnectReturnCode::RefusedProtocolVersion => 1,
+        ConnectReturnCode::BadClientId => 2,
+        ConnectReturnCode::ServiceUnavailable => 3,
+        ConnectReturnCode::BadUserNamePassword => 4,
+        ConnectReturnCode::NotAuthorized => 5,
+    }
+}
+
+/// Capped exponential backoff with jitter, so a fleet of gateways does not reconnect in step.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            next: BACKOFF_FIRST,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+    fn step(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(BACKOFF_CAP);
+        ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+pub struct BrokerSession {
+    eventloop: EventLoop,
+    client: AsyncClient,
+    address: String,
+    qos: QoS,
+    flows: watch::Receiver<Arc<FlowSet>>,
+    /// `None` once shutdown began: later messages are left unacknowledged for redelivery.
+    messages: Option<mpsc::Sender<Publish>>,
+    backoff: Backoff,
+}
+
+impl BrokerSession {
+    /// The session and a client handle for acks and subscription changes.
+    pub fn new(
+        options: MqttOptions,
+        qos: QoS,
+        flows: watch::Receiver<Arc<FlowSet>>,
+        messages: mpsc::Sender<Publish>,
+    ) -> (BrokerSession, AsyncClient) {
+        let (host, port) = options.broker_address();
+        let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+        let session = BrokerSession {
+            eventloop,
+            client: client.clone(),
+            address: format!("{host}:{port}"),
+            qos,
+            flows,
+            messages: Some(messages),
+            backoff: Backoff::new(),
+        };
+        (session, client)
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Connects and subscribes every current filter, waiting for the SUBACKs so that a message
+    /// published once this returns is delivered. A refused CONNACK is logged and retried, as
+    /// the original's network loop did; a broker that cannot be reached at all fails startup.
+    pub async fn start(&mut self, shutdown: &CancellationToken) -> Result<(), StartError> {
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return Err(StartError::Interrupted),
+                event = self.eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
+                Ok(_) => {}
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    tracing::error!(
+                        "MQTT connection failed with reason code: {}",
+                        return_code(code)
+                    );
+                    let delay = self.backoff.step();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(StartError::Interrupted),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(source) => {
+                    return Err(StartError::Connect {
+                        address: self.address.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        self.backoff.reset();
+        let filters = self.flows.borrow().filters();
+        if filters.is_empty() {
+            return Ok(());
+        }
+        self.subscribe(&filters).await;
+        let deadline = tokio::time::sleep(SUBACK_TIMEOUT);
+        tokio::pin!(deadline);
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return Err(StartError::Interrupted),
+                _ = &mut deadline => return Err(StartError::SubscribeTimeout(SUBACK_TIMEOUT)),
+                event = self.eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    self.report_refused(&filters, &ack.return_codes);
+                    return Ok(());
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
+                Ok(_) => {}
+                Err(source) => {
+                    return Err(StartError::Connect {
+                        address: self.address.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Polls the connection until shutdown, then waits for `processor` to finish (so its acks
+    /// go out) and disconnects cleanly.
+    pub async fn run(mut self, shutdown: CancellationToken, mut processor: JoinHandle<()>) {
+        let mut retry_in: Option<Duration> = None;
+        let mut processor_done = false;
+        loop {
+            if shutdown.is_cancelled() && self.messages.is_some() {
+                // Dropping the sender lets the processor drain what it has and stop.
+                self.messages = None;
+            }
+            if let Some(delay) = retry_in.take() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut processor, if !processor_done => { processor_done = true; }
+                }
+                if processor_done {
+                    break;
+                }
+                continue;
+            }
+            let event = tokio::select! {
+                _ = shutdown.cancelled(), if self.messages.is_some() => continue,
+                _ = &mut processor, if !processor_done => { processor_done = true; break; }
+                event = self.eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    tracing::info!("Reconnected to MQTT broker {}", self.address);
+                    self.backoff.reset();
+                    let filters = self.flows.borrow().filters();
+                    self.subscribe(&filters).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
+                Ok(Event::Incoming(Packet::SubAck(ack)))
+                    if ack.return_codes.iter().any(is_refused) =>
+                {
+                    tracing::error!(
+                        "MQTT broker refused a subscription (packet {}): {:?}",
+                        ack.pkid,
+                        ack.return_codes
+                    );
+                }
+                Ok(_) => {}
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    tracing::error!(
+                        "MQTT connection failed with reason code: {}",
+                        return_code(code)
+                    );
+                    retry_in = Some(self.backoff.step());
+                }
+                Err(error) => {
+                    let delay = self.backoff.step();
+                    tracing::warn!(
+                        "Lost connection to MQTT broker {}: {error}; reconnecting in {:.1}s",
+                        self.address,
+                        delay.as_secs_f64()
+                    );
+                    retry_in = Some(delay);
+                }
+            }
+        }
+        if !processor_done {
+            let _ = processor.await;
+        }
+        self.disconnect().await;
+    }
+
+    async fn hand_over(&mut self, publish: Publish) {
+        if let Some(messages) = &self.messages {
+            // Fails only when the processor is gone; the message stays unacknowledged.
+            let _ = messages.send(publish).await;
+        }
+    }
+
+    async fn subscribe(&self, filters: &BTreeSet<String>) {
+        if filters.is_empty() {
+            return;
+        }
+        let topics = filters
+            .iter()
+            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), self.qos));
+        if let Err(error) = self.client.subscribe_many(topics).await {
+            tracing::error!("Cannot queue MQTT subscription: {error}");
+        }
+        tracing::info!("Subscribed to {}", join(filters));
+    }
+
+    fn report_refused(&self, filters: &BTreeSet<String>, codes: &[SubscribeReasonCode]) {
+        for (filter, code) in filters.iter().zip(codes) {
+            if is_refused(code) {
+                tracing::error!("MQTT broker refused the subscription to {filter}");
+            }
+        }
+    }
+
+    /// Sends the acks still queued, then DISCONNECT, bounded in time.
+    async fn disconnect(mut self) {
+        if self.client.disconnect().await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn is_refused(code: &SubscribeReasonCode) -> bool {
+    matches!(code, SubscribeReasonCode::Failure)
+}
+
+pub fn join(filters: &BTreeSet<String>) -> String {
+    filters
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.step()).collect();
+        assert!(delays[0] <= BACKOFF_FIRST && delays[0] >= BACKOFF_FIRST / 2);
+        assert!(delays.iter().all(|d| *d <= BACKOFF_CAP));
+        assert!(delays[11] >= BACKOFF_CAP / 2, "reaches the cap: {delays:?}");
+        backoff.reset();
+        assert!(backoff.step() <= BACKOFF_FIRST);
+    }
+
+    #[test]
+    fn credentials_are_sent_only_when_both_are_set() {
+        let settings = MqttSettings {
+            client_id: "c".into(),
+            keepalive: Duration::from_secs(60),
+            qos: 1,
+            clean_session: false,
+        };
+        let row = |u: Option<&str>, p: Option<&str>| BrokerRow {
+            host: "h".into(),
+            port: Some(1884),
+            username: u.map(Into::into),
+            password: p.map(Into::into),
+        };
+        assert!(options(&settings, &row(Some("u"), Some("p")))
+            .credentials()
+            .is_some());
+        assert!(options(&settings, &row(Some("u"), None))
+            .credentials()
+            .is_none());
+        assert!(options(&settings, &row(Some("u"), Some("")))
+            .credentials()
+            .is_none());
+        assert_eq!(
+            options(&settings, &row(None, None)).broker_address().1,
+            1884
+        );
+    }
+}
