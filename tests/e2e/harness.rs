@@ -1,0 +1,244 @@
+//! What every e2e test needs: the shared services, a database of its own, the gateway's
+//! environment, and helpers to add flows, publish and poll the database.
+
+use mqtt_gateway::db;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::Row;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+use testkit::{EchoServer, Gateway, MariaDb, Mosquitto, Publisher};
+
+/// Has the characters that broke the original's connection URL.
+pub const DB_PASSWORD: &str = "p@ss/w:rd#?%&'1";
+pub const DB_USER: &str = "gateway";
+/// Generous bounds for polling: they only matter when a test is about to fail.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Shared {
+    pub db: MariaDb,
+    pub broker: Mosquitto,
+    pub echo: EchoServer,
+}
+
+pub fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| Shared {
+        db: MariaDb::start(testkit::mariadb::Durability::Relaxed).expect("start MariaDB"),
+        broker: Mosquitto::start().expect("start Mosquitto"),
+        echo: EchoServer::start().expect("start the echo server"),
+    })
+}
+
+/// One test's world: its database, its gateway environment, its topic prefix.
+pub struct TestEnv {
+    pub name: String,
+    pub vars: Vec<(String, String)>,
+    pub pool: MySqlPool,
+}
+
+impl TestEnv {
+    /// A fresh, empty database (no tables yet), and the environment pointing at it.
+    pub async fn empty() -> TestEnv {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let shared = shared();
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        shared
+            .db
+            .create_database(&name, DB_USER, DB_PASSWORD)
+            .expect("create the test database");
+        let options = MySqlConnectOptions::new()
+            .host("127.0.0.1")
+            .port(shared.db.port)
+            .username(DB_USER)
+            .password(DB_PASSWORD)
+            .database(&name);
+        let pool = MySqlPoolOptions::new()
+            .max_connections(3)
+            .connect_with(options)
+            .await
+            .expect("connect");
+        let vars = [
+            ("DB_HOST", "127.0.0.1".to_owned()),
+            ("DB_PORT", shared.db.port.to_string()),
+            ("DB_NAME", name.clone()),
+            ("DB_USER", DB_USER.to_owned()),
+            ("DB_PASSWORD", DB_PASSWORD.to_owned()),
+            ("MQTT_DEFAULT_HOST", "127.0.0.1".to_owned()),
+            ("MQTT_DEFAULT_PORT", shared.broker.port.to_string()),
+            ("MQTT_CLIENT_ID", format!("gw-{name}")),
+            ("FLOWS_RELOAD_INTERVAL_SECONDS", "3600".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        TestEnv { name, vars, pool }
+    }
+
+    /// A database with the gateway's tables, as its migrations create them.
+    pub async fn new() -> TestEnv {
+        let env = TestEnv::empty().await;
+        db::migrate(&env.pool)
+            .await
+            .expect("migrate the test database");
+        env
+    }
+
+    pub fn set(&mut self, name: &str, value: impl Into<String>) {
+        self.vars.retain(|(k, _)| k != name);
+        self.vars.push((name.to_owned(), value.into()));
+    }
+
+    pub fn unset(&mut self, name: &str) {
+        self.vars.retain(|(k, _)| k != name);
+    }
+
+    /// A topic under this test's own prefix.
+    pub fn topic(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.name)
+    }
+
+    pub fn spawn(&self) -> Gateway {
+        Gateway::spawn(
+            std::path::Path::new(env!("CARGO_BIN_EXE_mqtt-gateway")),
+            &self.vars,
+        )
+        .expect("spawn the gateway")
+    }
+
+    /// Starts the gateway and waits until it is subscribed.
+    pub async fn start(&self) -> Gateway {
+        let gateway = self.spawn();
+        wait_log(&gateway, "Gateway ready").await;
+        gateway
+    }
+
+    /// Inserts a flow, every column given as the original's tables require.
+    pub async fn add_flow(
+        &self,
+        code: &str,
+        topic: &str,
+        action: &str,
+        schema: &str,
+        url: Option<&str>,
+    ) -> i32 {
+        let done = sqlx::query(
+            "INSERT INTO flows (code, description, topic, action, payload_schema, endpoint_url, last_msg_id, enabled) \
+             VALUES (?, ?, ?, ?, ?, ?, 0, TRUE)",
+        )
+        .bind(code)
+        .bind(format!("test flow {code}"))
+        .bind(topic)
+        .bind(action)
+        .bind(schema)
+        .bind(url)
+        .execute(&self.pool)
+        .await
+        .expect("insert flow");
+        done.last_insert_id() as i32
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        sqlx::query(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn counter(&self, code: &str) -> i32 {
+        sqlx::query_scalar("SELECT last_msg_id FROM flows WHERE code = ?")
+            .bind(code)
+            .fetch_one(&self.pool)
+            .await
+            .expect("read counter")
+    }
+
+    /// `(attribute_name, attribute_value, last_msg_id)` of a flow's rows, in insertion order.
+    pub async fn rows(&self, code: &str) -> Vec<(String, String, i32)> {
+        sqlx::query("SELECT attribute_name, attribute_value, last_msg_id FROM data WHERE flow_code = ? ORDER BY id")
+            .bind(code)
+            .fetch_all(&self.pool)
+            .await
+            .expect("read data")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// Waits until the flow's counter reaches `n`, and fails the test otherwise.
+    pub async fn wait_counter(&self, code: &str, n: i32) {
+        let mut last = 0;
+        for _ in 0..(WAIT.as_millis() / 25) {
+            last = self.counter(code).await;
+            if last >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("counter of {code} is {last}, expected {n}");
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = shared()
+            .db
+            .sql(&format!("DROP DATABASE IF EXISTS `{}`", self.name));
+    }
+}
+
+/// Polls `check` until it holds; panics with `what` after [`WAIT`].
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..(WAIT.as_millis() / 20) {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub async fn wait_log(gateway: &Gateway, needle: &str) {
+    for _ in 0..(WAIT.as_millis() / 20) {
+        if gateway.count(needle) > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "no log line with {needle:?}; the gateway logged:\n{}",
+        gateway.logs()
+    );
+}
+
+/// Publishes each payload with QoS 1 to the shared broker and waits for the broker's acks.
+pub async fn publish(topic: &str, payloads: &[&[u8]]) {
+    publish_to(shared().broker.port, topic, payloads).await;
+}
+
+pub async fn publish_to(port: u16, topic: &str, payloads: &[&[u8]]) {
+    let mut publisher = Publisher::connect(port).await.expect("publisher");
+    for payload in payloads {
+        publisher
+            .publish(topic, payload.to_vec())
+            .await
+            .expect("publish");
+    }
+    publisher.flush(WAIT).await.expect("broker acks");
+}
+
+/// Waits for the gateway to exit and returns its status code.
+pub async fn exit_code(gateway: &mut Gateway) -> i32 {
+    for _ in 0..(WAIT.as_millis() / 20) {
+        if let Some(status) = gateway.wait_exit(Duration::ZERO) {
+            return status.code().unwrap_or(-1);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the gateway did not exit; it logged:\n{}", gateway.logs());
+}

@@ -1,0 +1,16 @@
+//! End-to-end tests: the real `mqtt-gateway` binary against a real MariaDB, a real Mosquitto and
+//! a real HTTP server, started by `testkit` and shared by every test in this binary. Each test
+//! has its own database, client id and topic prefix, so tests stay independent.
+//!
+//! Run with `cargo xtask e2e` (or `cargo test --test e2e`).
+
+mod harness;
+
+mod bad_input;
+mod broker;
+mod logs;
+mod post_endpoint;
+mod reload;
+mod shutdown;
+mod startup;
+mod store_db;

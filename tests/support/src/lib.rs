@@ -1,0 +1,72 @@
+//! Real services for mqtt-gateway's tests, benchmark and demo: a MariaDB server, a Mosquitto
+//! broker and an HTTP echo server, each on a free loopback port in its own temporary directory,
+//! plus a handle on a running gateway process and a QoS 1 publisher.
+//!
+//! Nothing is mocked. Processes are stopped when their handle drops, and at process exit for
+//! the shared ones; a run that was killed leaves directories that the next run sweeps away,
+//! killing whatever service was still running in them.
+
+mod cleanup;
+mod echo;
+mod gateway;
+pub mod mariadb;
+mod mosquitto;
+mod publish;
+
+pub use echo::{EchoServer, Recorded};
+pub use gateway::Gateway;
+pub use mariadb::MariaDb;
+pub use mosquitto::Mosquitto;
+pub use publish::Publisher;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot bind an ephemeral port on 127.0.0.1")
+}
+
+/// Finds a program on PATH or in the sbin directories Debian puts servers in.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The program, or an error that says how to install it.
+pub fn require_program(name: &str, debian_package: &str) -> anyhow::Result<PathBuf> {
+    find_program(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "`{name}` is not installed. On Debian or Ubuntu: `apt-get install -y {debian_package}`; \
+             on NixOS: `nix develop` (the dev shell has it)"
+        )
+    })
+}
+
+/// Polls `check` every 20 ms until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+fn wait_for_port(port: u16, limit: Duration) -> bool {
+    wait_until(limit, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+}

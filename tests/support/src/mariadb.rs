@@ -1,0 +1,165 @@
+//! A MariaDB server of our own: fresh data directory from `mariadb-install-db`, own socket, a
+//! free port on 127.0.0.1, root without a password (it is reachable from loopback only).
+
+use crate::cleanup;
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct MariaDb {
+    pub port: u16,
+    pub socket: PathBuf,
+    dir: PathBuf,
+    child: Child,
+}
+
+/// How the server treats commits.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Durability {
+    /// `innodb_flush_log_at_trx_commit=1`, the server default: what benchmarks must use.
+    Full,
+    /// Flush once a second: correctness tests do not need to pay an fsync per commit.
+    Relaxed,
+}
+
+impl MariaDb {
+    pub fn start(durability: Durability) -> anyhow::Result<MariaDb> {
+        let server = crate::require_program("mariadbd", "mariadb-server")?;
+        let install = crate::require_program("mariadb-install-db", "mariadb-server")?;
+        let dir = cleanup::service_dir("mariadb")?;
+        let data = dir.join("data");
+        let log = std::fs::File::create(dir.join("install.log"))?;
+        let status = Command::new(&install)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .args(user_arg())
+            .arg("--innodb-log-file-size=16M")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .with_context(|| format!("cannot run {}", install.display()))?;
+        if !status.success() {
+            bail!(
+                "mariadb-install-db failed ({status}); see {}",
+                dir.join("install.log").display()
+            );
+        }
+        let port = crate::free_port();
+        let socket = dir.join("mariadbd.sock");
+        let flush = if durability == Durability::Full {
+            "1"
+        } else {
+            "2"
+        };
+        let child = Command::new(&server)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .arg(format!("--port={port}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+                "--innodb-log-file-size=16M",
+            ])
+            .args(["--innodb-buffer-pool-size=128M", "--max-connections=500"])
+            .arg(format!("--innodb-flush-log-at-trx-commit={flush}"))
+            .args(user_arg())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", server.display()))?;
+        cleanup::register(child.id(), &dir);
+        let mut db = MariaDb {
+            port,
+            socket,
+            dir,
+            child,
+        };
+        db.wait_ready()?;
+        Ok(db)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let ready = crate::wait_until(Duration::from_secs(60), || {
+            crate::wait_for_port(self.port, Duration::ZERO)
+                || matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if let Ok(Some(status)) = self.child.try_wait() {
+            bail!(
+                "mariadbd exited ({status}); see {}",
+                self.dir.join("error.log").display()
+            );
+        }
+        if !ready {
+            bail!("mariadbd did not listen on port {} within 60 s", self.port);
+        }
+        Ok(())
+    }
+
+    /// Runs SQL as root with the `mariadb` command-line client.
+    pub fn sql(&self, statements: &str) -> anyhow::Result<String> {
+        let client = crate::find_program("mariadb")
+            .or_else(|| crate::find_program("mysql"))
+            .context(
+                "the mariadb client is not installed (Debian: apt-get install -y mariadb-client)",
+            )?;
+        let out = Command::new(client)
+            .arg(format!("--socket={}", self.socket.display()))
+            .args(["-uroot", "--batch", "--skip-column-names", "-e", statements])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "SQL failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Creates a database and a user with all rights on it, reachable over TCP.
+    pub fn create_database(&self, name: &str, user: &str, password: &str) -> anyhow::Result<()> {
+        let quote = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
+        self.sql(&format!(
+            "CREATE DATABASE `{name}` CHARACTER SET utf8mb4; \
+             CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{pw}'; \
+             GRANT ALL ON `{name}`.* TO '{user}'@'%';",
+            pw = quote(password)
+        ))
+        .map(drop)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sends SIGSTOP/SIGCONT: the server stops answering without closing connections, as a
+    /// hung or overloaded database would.
+    pub fn pause(&self, paused: bool) {
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        cleanup::release(self.child.id(), Some(&self.dir));
+    }
+}
+
+/// mariadbd refuses to run as root unless told to.
+fn user_arg() -> Vec<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        vec!["--user=root".to_owned()]
+    } else {
+        Vec::new()
+    }
+}

@@ -1,0 +1,54 @@
+//! `cargo xtask ci` and `cargo xtask e2e`.
+
+use crate::services;
+use anyhow::{bail, Context};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+/// The workspace root, whatever directory cargo was called from.
+pub fn root() -> PathBuf {
+    let xtask_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    xtask_dir
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}
+
+/// Runs `cargo <args>` in the workspace root and fails with the step's name.
+pub fn cargo(step: &str, args: &[&str]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    eprintln!("==> {step}: cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot run cargo for {step}"))?;
+    if !status.success() {
+        bail!("{step} failed ({status})");
+    }
+    eprintln!("==> {step}: ok in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn ci() -> anyhow::Result<()> {
+    cargo("format", &["fmt", "--all", "--", "--check"])?;
+    cargo(
+        "clippy",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
+    e2e()
+}
+
+pub fn e2e() -> anyhow::Result<()> {
+    services::require_installed()?;
+    cargo("end-to-end tests", &["test", "--test", "e2e"])
+}
