@@ -7,20 +7,16 @@
 
 use crate::config::Settings;
 use crate::flows::FlowSet;
-use crate::mqtt::{self, BrokerSession};
+use crate::mqtt::{self, BrokerSession, Subscriptions};
+use crate::outbox::Outbox;
 use crate::processor::Processor;
 use crate::reload::Reloader;
-use crate::sinks::{PostEndpoint, StoreDb};
 use crate::{db, tls};
 use anyhow::Context;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
-
-/// Messages decoded ahead of the processor. With QoS 1 the broker's in-flight window (20 in
-/// Mosquitto) keeps far fewer than this outstanding.
-const PROCESSOR_QUEUE: usize = 1_024;
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -87,25 +83,60 @@ async fn run_with_pool(
         .ok_or_else(|| anyhow::anyhow!("No enabled MQTT server found in mqtt_servers"))
         .map_err(startup)?;
 
-    let qos = mqtt::qos(settings.mqtt.qos);
+    if settings.mqtt.shared_group.is_some() && settings.mqtt.client_id_explicit {
+        tracing::warn!(
+            "MQTT_CLIENT_ID is set to {:?} with a shared group: every instance needs its own id, or the broker \
+             will keep disconnecting one for another",
+            settings.mqtt.client_id
+        );
+    }
+    let subscriptions = Subscriptions::new(&settings.mqtt);
+    let options = mqtt::options(&settings.mqtt, &broker)
+        .context("MQTT TLS")
+        .map_err(startup)?;
     let (flows_tx, flows_rx) = watch::channel(Arc::new(flows));
-    let (messages_tx, messages_rx) = mpsc::channel(PROCESSOR_QUEUE);
+    let (messages_tx, messages_rx) = mpsc::channel(settings.max_in_flight);
     let (mut session, client) = BrokerSession::new(
-        mqtt::options(&settings.mqtt, &broker),
-        qos,
+        options,
+        subscriptions.clone(),
         flows_rx.clone(),
         messages_tx,
     );
-    let mut reloader = Reloader::new(pool.clone(), flows_tx, client.clone(), qos);
+    let mut reloader = Reloader::new(pool.clone(), flows_tx, client.clone(), subscriptions);
     reloader.report_broken(&flows_rx.borrow().broken);
 
-    let post = PostEndpoint::new(pool.clone(), settings.http_timeout)
-        .context("cannot set up the HTTP client")
-        .map_err(startup)?;
-    let processor = Processor::new(flows_rx.clone(), StoreDb::new(pool.clone()), post, client);
+    let wake_outbox = Arc::new(Notify::new());
+    let outbox = Outbox::new(
+        pool.clone(),
+        settings.delivery.clone(),
+        settings.mqtt.client_id.clone(),
+        Arc::clone(&wake_outbox),
+    )
+    .context("cannot set up the HTTP client")
+    .map_err(startup)?;
+    match outbox.depth().await {
+        Ok((0, 0)) => {}
+        Ok((pending, dead)) => {
+            tracing::info!("Outbox holds {pending} pending and {dead} dead requests")
+        }
+        Err(error) => {
+            return Err(startup(
+                anyhow::Error::new(error).context("cannot read gateway_outbox"),
+            ))
+        }
+    }
+    let processor = Processor::new(
+        flows_rx.clone(),
+        pool.clone(),
+        settings.batch.clone(),
+        wake_outbox,
+        client,
+        shutdown.clone(),
+    );
     // The processor runs before the first connection: a persistent session may deliver
     // queued messages right after CONNACK, before any SUBSCRIBE.
     let processor = tokio::spawn(processor.run(messages_rx));
+    let outbox = tokio::spawn(Arc::new(outbox).run(shutdown.clone()));
 
     if let Err(error) = session.start(&shutdown).await {
         if matches!(error, mqtt::StartError::Interrupted) {
@@ -126,6 +157,7 @@ async fn run_with_pool(
     let reload = tokio::spawn(reloader.run(settings.reload_interval, hangup, shutdown.clone()));
     session.run(shutdown.clone(), processor).await;
     let _ = reload.await;
+    let _ = outbox.await;
     tracing::info!("Gateway stopped");
     Ok(())
 }

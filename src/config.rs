@@ -57,8 +57,7 @@ struct Raw {
     log_dir: Option<PathBuf>,
     #[serde(default = "defaults::http_timeout")]
     http_timeout_seconds: f64,
-    #[serde(default = "defaults::client_id")]
-    mqtt_client_id: String,
+    mqtt_client_id: Option<String>,
     #[serde(default = "defaults::keepalive")]
     mqtt_keepalive: u16,
     #[serde(default = "defaults::reload_interval")]
@@ -71,6 +70,28 @@ struct Raw {
     mqtt_qos: u8,
     #[serde(default)]
     mqtt_clean_session: bool,
+    mqtt_shared_group: Option<String>,
+    #[serde(default)]
+    mqtt_tls: bool,
+    mqtt_ca_file: Option<PathBuf>,
+    mqtt_client_cert: Option<PathBuf>,
+    mqtt_client_key: Option<PathBuf>,
+    #[serde(default = "defaults::max_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "defaults::batch_max_messages")]
+    batch_max_messages: usize,
+    #[serde(default = "defaults::batch_max_delay_ms")]
+    batch_max_delay_ms: u64,
+    #[serde(default = "defaults::http_max_attempts")]
+    http_max_attempts: u32,
+    #[serde(default = "defaults::http_max_age_seconds")]
+    http_max_age_seconds: u64,
+    #[serde(default = "defaults::http_retry_max_delay_seconds")]
+    http_retry_max_delay_seconds: f64,
+    #[serde(default = "defaults::http_concurrency")]
+    http_concurrency: usize,
+    #[serde(default = "defaults::yes")]
+    http_ordered: bool,
 }
 
 mod defaults {
@@ -79,9 +100,6 @@ mod defaults {
     }
     pub fn http_timeout() -> f64 {
         10.0
-    }
-    pub fn client_id() -> String {
-        "mqtt-gateway".to_owned()
     }
     pub fn keepalive() -> u16 {
         60
@@ -98,7 +116,34 @@ mod defaults {
     pub fn qos() -> u8 {
         1
     }
+    pub fn max_in_flight() -> usize {
+        1_000
+    }
+    pub fn batch_max_messages() -> usize {
+        500
+    }
+    pub fn batch_max_delay_ms() -> u64 {
+        2
+    }
+    pub fn http_max_attempts() -> u32 {
+        100
+    }
+    pub fn http_max_age_seconds() -> u64 {
+        86_400
+    }
+    pub fn http_retry_max_delay_seconds() -> f64 {
+        300.0
+    }
+    pub fn http_concurrency() -> usize {
+        8
+    }
+    pub fn yes() -> bool {
+        true
+    }
 }
+
+/// The client id of the original, used unless `MQTT_CLIENT_ID` or a shared group says otherwise.
+pub const DEFAULT_CLIENT_ID: &str = "mqtt-gateway";
 
 /// Everything the gateway needs to know before it starts.
 #[derive(Debug, Clone)]
@@ -110,6 +155,32 @@ pub struct Settings {
     pub reload_interval: Duration,
     /// The broker row seeded into an empty `mqtt_servers`.
     pub default_broker: (String, u16),
+    /// Messages taken from the broker and not yet acknowledged, at most.
+    pub max_in_flight: usize,
+    pub batch: BatchSettings,
+    pub delivery: DeliverySettings,
+}
+
+/// Group commit of STORE_DB (and outbox) writes.
+#[derive(Debug, Clone)]
+pub struct BatchSettings {
+    pub max_messages: usize,
+    pub max_delay: Duration,
+}
+
+/// Durable HTTP delivery of POST_ENDPOINT requests.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    pub timeout: Duration,
+    /// After this many failed attempts a request is kept as dead.
+    pub max_attempts: u32,
+    /// A request older than this is kept as dead after its next failure.
+    pub max_age: Duration,
+    pub max_retry_delay: Duration,
+    /// Requests in flight per endpoint (scheme, host and port).
+    pub concurrency: usize,
+    /// Keep each flow's requests in arrival order (one at a time per flow).
+    pub ordered: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +200,19 @@ pub struct MqttSettings {
     pub qos: u8,
     /// false by default: the broker keeps the session, and queues messages while we are away.
     pub clean_session: bool,
+    /// With a group, filters are subscribed as `$share/<group>/<filter>`.
+    pub shared_group: Option<String>,
+    /// True when the operator chose the client id, rather than the default or a derived one.
+    pub client_id_explicit: bool,
+    pub tls: Option<TlsSettings>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// PEM CA certificates to trust; the system's roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain and key for mutual TLS.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
 }
 
 impl Settings {
@@ -163,12 +247,68 @@ impl Settings {
                 reason: format!("must be 0 or 1, not {}", raw.mqtt_qos),
             });
         }
-        if raw.mqtt_client_id.is_empty() {
+        if raw.mqtt_client_id.as_deref() == Some("") {
             return Err(ConfigError::Invalid {
                 name: "MQTT_CLIENT_ID".into(),
                 reason: "cannot be empty".into(),
             });
         }
+        let shared_group = raw.mqtt_shared_group.clone().filter(|g| !g.is_empty());
+        if let Some(group) = &shared_group {
+            if group.contains(['/', '+', '#']) {
+                return Err(ConfigError::Invalid {
+                    name: "MQTT_SHARED_GROUP".into(),
+                    reason: "cannot contain '/', '+' or '#'".into(),
+                });
+            }
+        }
+        let positive = |name: &str, value: usize| {
+            if value == 0 {
+                Err(ConfigError::Invalid {
+                    name: name.into(),
+                    reason: "must be at least 1".into(),
+                })
+            } else {
+                Ok(value)
+            }
+        };
+        positive("MAX_IN_FLIGHT", raw.max_in_flight)?;
+        positive("BATCH_MAX_MESSAGES", raw.batch_max_messages)?;
+        positive("HTTP_CONCURRENCY", raw.http_concurrency)?;
+        if !(raw.http_retry_max_delay_seconds.is_finite()
+            && raw.http_retry_max_delay_seconds >= 0.1)
+        {
+            return Err(ConfigError::Invalid {
+                name: "HTTP_RETRY_MAX_DELAY_SECONDS".into(),
+                reason: "must be at least 0.1".into(),
+            });
+        }
+        let client_id_explicit = raw.mqtt_client_id.is_some();
+        let client_id = match (&raw.mqtt_client_id, &shared_group) {
+            (Some(id), _) => id.clone(),
+            // Instances sharing a group must not share a client id, or the broker would keep
+            // disconnecting one for the other; the host name keeps the id stable across restarts,
+            // which the persistent session needs.
+            (None, Some(_)) => format!("{DEFAULT_CLIENT_ID}-{}", hostname()),
+            (None, None) => DEFAULT_CLIENT_ID.to_owned(),
+        };
+        let tls = raw.mqtt_tls.then(|| -> Result<TlsSettings, ConfigError> {
+            let client_auth = match (&raw.mqtt_client_cert, &raw.mqtt_client_key) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        name: "MQTT_CLIENT_CERT".into(),
+                        reason: "MQTT_CLIENT_CERT and MQTT_CLIENT_KEY go together".into(),
+                    })
+                }
+            };
+            Ok(TlsSettings {
+                ca_file: raw.mqtt_ca_file.clone(),
+                client_auth,
+            })
+        });
+        let tls = tls.transpose()?;
         Ok(Settings {
             db: DbSettings {
                 host: raw.db_host,
@@ -180,14 +320,30 @@ impl Settings {
             log_dir: raw.log_dir.filter(|d| !d.as_os_str().is_empty()),
             http_timeout: Duration::from_secs_f64(raw.http_timeout_seconds),
             mqtt: MqttSettings {
-                client_id: raw.mqtt_client_id,
+                client_id,
                 keepalive: Duration::from_secs(raw.mqtt_keepalive.into()),
                 qos: raw.mqtt_qos,
                 clean_session: raw.mqtt_clean_session,
+                shared_group,
+                client_id_explicit,
+                tls,
             },
             // The original clamps with max(1, ...), so 0 and negative values mean one second.
             reload_interval: Duration::from_secs(raw.flows_reload_interval_seconds.max(1) as u64),
             default_broker: (raw.mqtt_default_host, raw.mqtt_default_port),
+            max_in_flight: raw.max_in_flight,
+            batch: BatchSettings {
+                max_messages: raw.batch_max_messages,
+                max_delay: Duration::from_millis(raw.batch_max_delay_ms),
+            },
+            delivery: DeliverySettings {
+                timeout: Duration::from_secs_f64(raw.http_timeout_seconds),
+                max_attempts: raw.http_max_attempts.max(1),
+                max_age: Duration::from_secs(raw.http_max_age_seconds),
+                max_retry_delay: Duration::from_secs_f64(raw.http_retry_max_delay_seconds),
+                concurrency: raw.http_concurrency,
+                ordered: raw.http_ordered,
+            },
         })
     }
 }
@@ -219,6 +375,16 @@ fn read_password_file(path: &Path) -> Result<Secret, ConfigError> {
     let text = text.strip_suffix('\n').unwrap_or(&text);
     let text = text.strip_suffix('\r').unwrap_or(text);
     Ok(Secret::new(text))
+}
+
+/// The machine's name, for a client id that differs per host and survives restarts.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".to_owned())
 }
 
 /// envy ends a parse error with "provided by NAME"; the operator needs that name first.
@@ -308,6 +474,46 @@ mod tests {
             .filter(|(k, _)| k != "DB_PASSWORD")
             .collect();
         assert_eq!(Settings::from_vars(v).unwrap().db.password.expose(), "cred");
+    }
+
+    #[test]
+    fn a_shared_group_derives_a_client_id_per_host() {
+        let s = Settings::from_vars(vars(&[("MQTT_SHARED_GROUP", "gw")])).unwrap();
+        assert!(s.mqtt.client_id.starts_with("mqtt-gateway-") && s.mqtt.client_id.len() > 13);
+        assert!(!s.mqtt.client_id_explicit);
+        let s = Settings::from_vars(vars(&[
+            ("MQTT_SHARED_GROUP", "gw"),
+            ("MQTT_CLIENT_ID", "a"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (s.mqtt.client_id.as_str(), s.mqtt.client_id_explicit),
+            ("a", true)
+        );
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        assert_eq!(
+            s.mqtt.client_id, "mqtt-gateway",
+            "drop-in default without a group"
+        );
+    }
+
+    #[test]
+    fn tls_needs_certificate_and_key_together() {
+        let err = Settings::from_vars(vars(&[
+            ("MQTT_TLS", "true"),
+            ("MQTT_CLIENT_CERT", "/c.pem"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("MQTT_CLIENT_CERT and MQTT_CLIENT_KEY go together"),
+            "{err}"
+        );
+        let s = Settings::from_vars(vars(&[("MQTT_TLS", "true")])).unwrap();
+        assert!(s
+            .mqtt
+            .tls
+            .is_some_and(|t| t.ca_file.is_none() && t.client_auth.is_none()));
     }
 
     #[test]

@@ -6,21 +6,27 @@
 //! Where things live, in the order a message travels:
 //! - [`config`]: the environment variables, read once; secrets kept out of logs.
 //! - [`mqtt`]: the broker session, its event loop, reconnects and subscriptions.
-//! - [`processor`]: decodes each message, matches flows, validates, hands to a sink, acks.
+//! - [`processor`]: decodes messages, matches flows, validates, renders, acks after commit.
 //! - [`flows`]: flow rows checked into flows that can work; topic filters; payload schemas.
+//! - [`batch`]: group commit of a batch's counters, `data` rows and outbox requests.
 //! - [`sinks`]: one module per action: `store_db`, `post_endpoint`.
+//! - [`outbox`]: durable delivery of POST_ENDPOINT requests, with retries and leases.
 //! - [`pyfmt`]: the Python renderings of values the original stored and sent.
 //! - [`db`]: the pool, migrations, and queries on `mqtt_servers` and `flows`.
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
 //! - [`logging`]: the original's log format, stderr and daily files.
 //! - [`app`]: startup in the original's order, and an orderly shutdown.
+//! - [`backoff`]: capped exponential backoff with jitter; [`tls`]: crypto provider, broker TLS.
 
 pub mod app;
+pub mod backoff;
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod flows;
 pub mod logging;
 pub mod mqtt;
+pub mod outbox;
 pub mod processor;
 pub mod pyfmt;
 pub mod reload;

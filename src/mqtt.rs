@@ -8,10 +8,10 @@
 //! After a lost connection it reconnects with capped exponential backoff and jitter, and
 //! subscribes every current flow's filter again, whatever the broker says it remembers.
 
+use crate::backoff::Backoff;
 use crate::config::MqttSettings;
 use crate::db::BrokerRow;
 use crate::flows::FlowSet;
-use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
     Packet, Publish, QoS, SubscribeReasonCode,
@@ -49,16 +49,38 @@ pub enum StartError {
     Interrupted,
 }
 
-pub fn qos(level: u8) -> QoS {
-    if level == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
+/// How flows' topic filters are subscribed: the QoS, and the shared group, if any.
+#[derive(Debug, Clone)]
+pub struct Subscriptions {
+    pub qos: QoS,
+    pub shared_group: Option<String>,
+}
+
+impl Subscriptions {
+    pub fn new(settings: &MqttSettings) -> Subscriptions {
+        let qos = if settings.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        Subscriptions {
+            qos,
+            shared_group: settings.shared_group.clone(),
+        }
+    }
+
+    /// The filter as sent to the broker. Messages still arrive with their real topic, so flows
+    /// match them with the plain filter.
+    pub fn broker_filter(&self, filter: &str) -> String {
+        match &self.shared_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter.to_owned(),
+        }
     }
 }
 
 /// Client options from the chosen `mqtt_servers` row and the environment.
-pub fn options(settings: &MqttSettings, broker: &BrokerRow) -> MqttOptions {
+pub fn options(settings: &MqttSettings, broker: &BrokerRow) -> anyhow::Result<MqttOptions> {
     let port = broker
         .port
         .and_then(|p| u16::try_from(p).ok())
@@ -76,7 +98,13 @@ pub fn options(settings: &MqttSettings, broker: &BrokerRow) -> MqttOptions {
             options.set_credentials(user, password);
         }
     }
-    options
+    if let Some(tls) = &settings.tls {
+        let config = crate::tls::broker_config(tls)?;
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+        ));
+    }
+    Ok(options)
 }
 
 /// The MQTT 3.1.1 CONNACK return code, the number operators know from the original's log line.
@@ -91,32 +119,18 @@ fn return_code(code: ConnectReturnCode) -> u8 {
     }
 }
 
-/// Capped exponential backoff with jitter, so a fleet of gateways does not reconnect in step.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff {
-            next: BACKOFF_FIRST,
-        }
-    }
-    fn reset(&mut self) {
-        self.next = BACKOFF_FIRST;
-    }
-    fn step(&mut self) -> Duration {
-        let ceiling = self.next;
-        self.next = (self.next * 2).min(BACKOFF_CAP);
-        ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
-    }
+fn hint(error: &ConnectionError) -> String {
+    let text = format!("{error:?}");
+    crate::tls::explain(&text)
+        .map(|hint| format!(" ({hint})"))
+        .unwrap_or_default()
 }
 
 pub struct BrokerSession {
     eventloop: EventLoop,
     client: AsyncClient,
     address: String,
-    qos: QoS,
+    subscriptions: Subscriptions,
     flows: watch::Receiver<Arc<FlowSet>>,
     /// `None` once shutdown began: later messages are left unacknowledged for redelivery.
     messages: Option<mpsc::Sender<Publish>>,
@@ -127,7 +141,7 @@ impl BrokerSession {
     /// The session and a client handle for acks and subscription changes.
     pub fn new(
         options: MqttOptions,
-        qos: QoS,
+        subscriptions: Subscriptions,
         flows: watch::Receiver<Arc<FlowSet>>,
         messages: mpsc::Sender<Publish>,
     ) -> (BrokerSession, AsyncClient) {
@@ -137,10 +151,10 @@ impl BrokerSession {
             eventloop,
             client: client.clone(),
             address: format!("{host}:{port}"),
-            qos,
+            subscriptions,
             flows,
             messages: Some(messages),
-            backoff: Backoff::new(),
+            backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
         };
         (session, client)
     }
@@ -265,8 +279,9 @@ impl BrokerSession {
                 Err(error) => {
                     let delay = self.backoff.step();
                     tracing::warn!(
-                        "Lost connection to MQTT broker {}: {error}; reconnecting in {:.1}s",
+                        "Lost connection to MQTT broker {}: {error}{}; reconnecting in {:.1}s",
                         self.address,
+                        hint(&error),
                         delay.as_secs_f64()
                     );
                     retry_in = Some(delay);
@@ -290,9 +305,12 @@ impl BrokerSession {
         if filters.is_empty() {
             return;
         }
-        let topics = filters
-            .iter()
-            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), self.qos));
+        let topics = filters.iter().map(|f| {
+            rumqttc::SubscribeFilter::new(
+                self.subscriptions.broker_filter(f),
+                self.subscriptions.qos,
+            )
+        });
         if let Err(error) = self.client.subscribe_many(topics).await {
             tracing::error!("Cannot queue MQTT subscription: {error}");
         }
@@ -341,14 +359,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let mut backoff = Backoff::new();
-        let delays: Vec<Duration> = (0..12).map(|_| backoff.step()).collect();
-        assert!(delays[0] <= BACKOFF_FIRST && delays[0] >= BACKOFF_FIRST / 2);
-        assert!(delays.iter().all(|d| *d <= BACKOFF_CAP));
-        assert!(delays[11] >= BACKOFF_CAP / 2, "reaches the cap: {delays:?}");
-        backoff.reset();
-        assert!(backoff.step() <= BACKOFF_FIRST);
+    fn shared_groups_prefix_broker_filters_only() {
+        let plain = Subscriptions {
+            qos: QoS::AtLeastOnce,
+            shared_group: None,
+        };
+        let shared = Subscriptions {
+            qos: QoS::AtLeastOnce,
+            shared_group: Some("gw".into()),
+        };
+        assert_eq!(plain.broker_filter("a/#"), "a/#");
+        assert_eq!(shared.broker_filter("a/#"), "$share/gw/a/#");
     }
 
     #[test]
@@ -358,7 +379,11 @@ mod tests {
             keepalive: Duration::from_secs(60),
             qos: 1,
             clean_session: false,
+            shared_group: None,
+            client_id_explicit: false,
+            tls: None,
         };
+        let options = |s: &MqttSettings, r: &BrokerRow| options(s, r).unwrap();
         let row = |u: Option<&str>, p: Option<&str>| BrokerRow {
             host: "h".into(),
             port: Some(1884),

@@ -1,19 +1,28 @@
-//! The processor: takes each message the broker session hands over, decodes it, finds the flows
-//! whose topic filter matches, validates the payload against each flow's schema and passes it to
-//! that flow's sink; then acknowledges the message to the broker.
+//! The processor: takes the messages the broker session hands over, decodes each, finds the
+//! flows whose topic filter matches, validates the payload against each flow's schema, renders
+//! what each flow's sink writes, writes a whole batch in one transaction, and only then
+//! acknowledges the batch's messages to the broker.
 //!
 //! It runs on its own task, fed by a bounded channel, so that database and HTTP latency never
 //! reach the MQTT event loop (where the original processed messages, stalling its keepalive).
-//! Messages are handled one after another in arrival order, so counters are assigned in that
+//! Batches are handled one after another in arrival order, so counters are assigned in that
 //! order and acknowledgements leave in the order MQTT requires.
 
-use crate::flows::{Action, Flow, FlowSet};
-use crate::sinks::{PostEndpoint, SinkError, StoreDb};
+use crate::backoff::Backoff;
+use crate::batch::{self, Effect, Item, Outcome};
+use crate::config::BatchSettings;
+use crate::flows::{Action, FlowSet};
+use crate::sinks::{post_endpoint, store_db};
+use chrono::{NaiveDateTime, SubsecRound, Utc};
 use rumqttc::{AsyncClient, Publish};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use sqlx::MySqlPool;
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Deeper payloads are refused as invalid. Python's json module gives up near 1,000 levels
 /// (its recursion limit); a legitimate sensor payload is a few levels deep. The bound keeps
@@ -83,85 +92,228 @@ fn nesting_depth(text: &[u8]) -> usize {
     deepest
 }
 
-/// Why one flow did not take one message.
-#[derive(Debug, thiserror::Error)]
-pub enum FlowError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Sink(#[from] SinkError),
-}
-
 pub struct Processor {
     flows: watch::Receiver<Arc<FlowSet>>,
-    store: StoreDb,
-    post: PostEndpoint,
+    pool: MySqlPool,
+    batch: BatchSettings,
+    /// Told after each commit that wrote outbox requests.
+    outbox: Arc<Notify>,
     /// Acknowledgements go out through the broker session's request queue.
     acks: AsyncClient,
+    /// Cancelled at shutdown: a batch waiting for the database is then given up, unacknowledged.
+    shutdown: CancellationToken,
 }
 
 impl Processor {
     pub fn new(
         flows: watch::Receiver<Arc<FlowSet>>,
-        store: StoreDb,
-        post: PostEndpoint,
+        pool: MySqlPool,
+        batch: BatchSettings,
+        outbox: Arc<Notify>,
         acks: AsyncClient,
+        shutdown: CancellationToken,
     ) -> Processor {
         Processor {
             flows,
-            store,
-            post,
+            pool,
+            batch,
+            outbox,
             acks,
+            shutdown,
         }
     }
 
-    /// Runs until the session closes the channel (at shutdown), then lets queued POSTs finish.
+    /// Runs until the session closes the channel (at shutdown) and what it holds is written.
     pub async fn run(self, mut messages: mpsc::Receiver<Publish>) {
-        while let Some(publish) = messages.recv().await {
-            self.handle(&publish).await;
-            // QoS 0 messages need no acknowledgement; rumqttc ignores them. An error means the
-            // session is gone, and the broker will redeliver.
-            let _ = self.acks.ack(&publish).await;
-        }
-        self.post.close().await;
-    }
-
-    async fn handle(&self, publish: &Publish) {
-        let topic = publish.topic.as_str();
-        let payload = match decode(&publish.payload) {
-            Ok(payload) => payload,
-            Err(error) => {
-                tracing::error!(topic, "Invalid payload in topic {topic}: {error}");
+        let mut batch = Vec::with_capacity(self.batch.max_messages);
+        while let Some(first) = messages.recv().await {
+            batch.push(first);
+            self.fill(&mut batch, &mut messages).await;
+            if !self.process(&batch).await {
+                tracing::warn!(
+                    "Shutting down with {} messages unwritten; the broker will redeliver them",
+                    batch.len()
+                );
                 return;
             }
-        };
-        let flows = Arc::clone(&self.flows.borrow());
-        for flow in flows.matching(topic) {
-            match self.apply(flow, &payload).await {
-                Ok(msg_id) => tracing::debug!(
-                    flow_code = %flow.code,
-                    msg_id,
-                    "Flow {} took message {msg_id} from {topic}",
-                    flow.code
-                ),
-                Err(error) => tracing::error!(
-                    flow_code = %flow.code,
-                    topic,
-                    "Error processing topic {topic} (flow_id={}): {error}",
-                    flow.id
-                ),
+            for publish in batch.drain(..) {
+                // QoS 0 messages need no acknowledgement; rumqttc ignores them. An error means
+                // the session is gone, and the broker will redeliver.
+                let _ = self.acks.ack(&publish).await;
             }
         }
     }
 
-    async fn apply(&self, flow: &Flow, payload: &Map<String, Value>) -> Result<i32, FlowError> {
-        flow.schema.validate(payload).map_err(FlowError::Invalid)?;
-        let msg_id = match flow.action {
-            Action::StoreDb => self.store.store(flow, payload).await?,
-            Action::PostEndpoint { .. } => self.post.accept(flow, payload).await?,
-        };
-        Ok(msg_id)
+    /// Adds what arrives within the batch delay, up to the batch size.
+    async fn fill(&self, batch: &mut Vec<Publish>, messages: &mut mpsc::Receiver<Publish>) {
+        let deadline = Instant::now() + self.batch.max_delay;
+        while batch.len() < self.batch.max_messages {
+            match messages.try_recv() {
+                Ok(publish) => batch.push(publish),
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, messages.recv()).await {
+                        Ok(Some(publish)) => batch.push(publish),
+                        Ok(None) | Err(_) => return,
+                    }
+                }
+            }
+        }
     }
+
+    /// Decodes, validates and writes a batch. False when shutdown interrupted a wait for the
+    /// database: nothing of the batch may be acknowledged then.
+    async fn process(&self, batch: &[Publish]) -> bool {
+        let received_at: NaiveDateTime = Utc::now().naive_utc().trunc_subsecs(0);
+        let items = self.prepare(batch);
+        if items.is_empty() {
+            return true;
+        }
+        let all: Vec<usize> = (0..items.len()).collect();
+        let outcomes = match self.write_retrying(received_at, &items, &all).await {
+            Some(Ok(outcomes)) => outcomes,
+            None => return false,
+            Some(Err(error)) => {
+                // Retrying cannot cure it: find the message(s) it belongs to by writing them
+                // one by one; the others go through.
+                tracing::debug!(
+                    "Batch of {} failed ({error}); writing its messages one by one",
+                    items.len()
+                );
+                let mut outcomes = Vec::with_capacity(items.len());
+                for i in all {
+                    match self.write_retrying(received_at, &items, &[i]).await {
+                        Some(Ok(mut one)) => outcomes.append(&mut one),
+                        Some(Err(error)) => report(&items[i], &format!("database error: {error}")),
+                        None => return false,
+                    }
+                }
+                outcomes
+            }
+        };
+        let mut queued = false;
+        for (i, outcome) in outcomes {
+            let item = &items[i];
+            match outcome {
+                Outcome::FlowGone => {
+                    report(item, &format!("flow {} no longer exists", item.flow.id))
+                }
+                Outcome::Written(msg_id) => {
+                    tracing::debug!(flow_code = %item.flow.code, msg_id, "Flow {} took message {msg_id}", item.flow.code);
+                    match &item.effect {
+                        Effect::Post {
+                            url,
+                            body: Err(error),
+                        } => tracing::error!(
+                            flow_code = %item.flow.code,
+                            "Error posting flow {} to endpoint {}: {error}",
+                            item.flow.code,
+                            crate::outbox::redacted_str(url)
+                        ),
+                        Effect::Post { .. } => queued = true,
+                        Effect::Store(_) => {}
+                    }
+                }
+            }
+        }
+        if queued {
+            self.outbox.notify_one();
+        }
+        true
+    }
+
+    /// Decodes each message and renders it for each matching flow; logs what fails.
+    fn prepare(&self, batch: &[Publish]) -> Vec<Item> {
+        let flows = Arc::clone(&self.flows.borrow());
+        let mut items = Vec::new();
+        for publish in batch {
+            let topic = publish.topic.as_str();
+            let payload = match decode(&publish.payload) {
+                Ok(payload) => payload,
+                Err(error) => {
+                    tracing::error!(topic, "Invalid payload in topic {topic}: {error}");
+                    continue;
+                }
+            };
+            let shared_topic: Arc<str> = Arc::from(topic);
+            for flow in flows.matching(topic) {
+                let effect = flow
+                    .schema
+                    .validate(&payload)
+                    .and_then(|()| match &flow.action {
+                        Action::StoreDb => store_db::attributes(&payload).map(Effect::Store),
+                        Action::PostEndpoint { url } => Ok(Effect::Post {
+                            url: url.to_string(),
+                            body: post_endpoint::body(&payload),
+                        }),
+                    });
+                let item = |effect| Item {
+                    flow: Arc::clone(flow),
+                    topic: Arc::clone(&shared_topic),
+                    effect,
+                };
+                match effect {
+                    Ok(effect) => items.push(item(effect)),
+                    Err(reason) => report(&item(Effect::Store(Vec::new())), &reason),
+                }
+            }
+        }
+        items
+    }
+
+    /// Writes, waiting out transient database failures with capped backoff. `None` when
+    /// shutdown came first; `Some(Err)` for an error that retrying cannot cure.
+    async fn write_retrying(
+        &self,
+        received_at: NaiveDateTime,
+        items: &[Item],
+        which: &[usize],
+    ) -> Option<Result<Vec<(usize, Outcome)>, sqlx::Error>> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            match batch::write(&self.pool, received_at, items, which).await {
+                Err(error) if batch::is_transient(&error) => {
+                    let delay = backoff.step();
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::error!(
+                            "Database unavailable, holding {} messages unacknowledged until it is back: {error}",
+                            which.len()
+                        );
+                    } else {
+                        tracing::debug!(
+                            "Database still unavailable, retrying in {delay:?}: {error}"
+                        );
+                    }
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                result => {
+                    if let (Some(since), Ok(_)) = (failing_since, &result) {
+                        tracing::info!(
+                            "Database is back after {:.1}s",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                    return Some(result);
+                }
+            }
+        }
+    }
+}
+
+/// The original's per-flow failure line.
+fn report(item: &Item, reason: &str) {
+    tracing::error!(
+        flow_code = %item.flow.code,
+        topic = %item.topic,
+        "Error processing topic {} (flow_id={}): {reason}",
+        item.topic,
+        item.flow.id
+    );
 }
 
 #[cfg(test)]

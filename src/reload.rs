@@ -4,8 +4,8 @@
 
 use crate::db;
 use crate::flows::{BrokenFlow, FlowSet};
-use crate::mqtt;
-use rumqttc::{AsyncClient, QoS};
+use crate::mqtt::{self, Subscriptions};
+use rumqttc::AsyncClient;
 use sqlx::MySqlPool;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ pub struct Reloader {
     pool: MySqlPool,
     flows: watch::Sender<Arc<FlowSet>>,
     client: AsyncClient,
-    qos: QoS,
+    subscriptions: Subscriptions,
     /// Broken rows already reported, so each is logged once, and again only when it changes.
     reported: HashSet<(i32, String)>,
 }
@@ -28,13 +28,13 @@ impl Reloader {
         pool: MySqlPool,
         flows: watch::Sender<Arc<FlowSet>>,
         client: AsyncClient,
-        qos: QoS,
+        subscriptions: Subscriptions,
     ) -> Reloader {
         Reloader {
             pool,
             flows,
             client,
-            qos,
+            subscriptions,
             reported: HashSet::new(),
         }
     }
@@ -84,14 +84,25 @@ impl Reloader {
         // broker was not yet asked for; a removed filter's stragglers simply match no flow.
         let added: Vec<_> = after.difference(&before).cloned().collect();
         for filter in &added {
-            if let Err(error) = self.client.subscribe(filter.clone(), self.qos).await {
+            if let Err(error) = self
+                .client
+                .subscribe(
+                    self.subscriptions.broker_filter(filter),
+                    self.subscriptions.qos,
+                )
+                .await
+            {
                 tracing::error!("Cannot subscribe to {filter}: {error}");
             }
         }
         self.flows.send_replace(Arc::new(next));
         let removed: Vec<_> = before.difference(&after).cloned().collect();
         for filter in &removed {
-            if let Err(error) = self.client.unsubscribe(filter.clone()).await {
+            if let Err(error) = self
+                .client
+                .unsubscribe(self.subscriptions.broker_filter(filter))
+                .await
+            {
                 tracing::error!("Cannot unsubscribe from {filter}: {error}");
             }
         }

@@ -10,6 +10,9 @@ use std::time::Duration;
 pub struct Gateway {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr until EOF; joined once the process has exited, so that every line it
+    /// wrote is in `lines` before anyone looks.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -32,13 +35,13 @@ impl Gateway {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr is piped");
         let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        Ok(Gateway { child, lines })
+        Ok(Gateway { child, lines, reader: Some(reader) })
     }
 
     /// Everything logged so far, one line each.
@@ -80,6 +83,11 @@ impl Gateway {
             status = self.child.try_wait().ok().flatten();
             status.is_some()
         });
+        if status.is_some() {
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
+        }
         status
     }
 

@@ -1,0 +1,528 @@
+//! The outbox: sends the POST_ENDPOINT requests that the processor committed to
+//! `gateway_outbox`, retries them until the endpoint takes them, and keeps the ones it never
+//! will take as dead.
+//!
+//! Each flow's requests are sent by one task at a time, oldest first, so that they arrive in
+//! the order their messages did (`HTTP_ORDERED=false` sends a flow's due requests concurrently
+//! instead). Which gateway instance sends a flow is decided by a lease row in
+//! `gateway_outbox_leases`, so several instances sharing the load neither reorder a flow nor
+//! send its requests twice on purpose. Requests to one endpoint (scheme, host, port) are in
+//! flight `HTTP_CONCURRENCY` at a time at most, over pooled keep-alive connections.
+//!
+//! A failed attempt logs the original's `Error posting flow ...` line and is retried after a
+//! capped exponential backoff (or the endpoint's `Retry-After` on 429 and 503). A request that
+//! fails permanently (a 4xx other than 408 and 429) gets three attempts; any request is dead
+//! after `HTTP_MAX_ATTEMPTS` attempts or once older than `HTTP_MAX_AGE_SECONDS`.
+
+use crate::backoff;
+use crate::config::DeliverySettings;
+use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long a lease lasts without renewal; a crashed instance's flows move on after this.
+const LEASE: Duration = Duration::from_secs(30);
+/// Requests read per round trip.
+const FETCH: i64 = 200;
+/// How often the table is checked when nothing wakes the outbox.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// A permanent failure (say, 400) may be a deployment in progress; a few attempts, not more.
+const PERMANENT_ATTEMPTS: u32 = 3;
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// One queued request.
+struct Request {
+    id: i64,
+    flow_code: String,
+    url: String,
+    body: String,
+    attempts: u32,
+    age: Duration,
+    /// Time until it is due; `None` when due now.
+    wait: Option<Duration>,
+}
+
+/// Why an attempt failed, and what that means for the next one.
+struct Failure {
+    error: PostError,
+    permanent: bool,
+    retry_after: Option<Duration>,
+}
+
+pub struct Outbox {
+    pool: MySqlPool,
+    http: reqwest::Client,
+    settings: DeliverySettings,
+    /// This instance's name in lease rows: its MQTT client id, stable across restarts, so a
+    /// restarted instance takes its flows back at once.
+    owner: String,
+    wake: Arc<Notify>,
+    endpoints: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Outbox {
+    pub fn new(
+        pool: MySqlPool,
+        settings: DeliverySettings,
+        owner: String,
+        wake: Arc<Notify>,
+    ) -> Result<Outbox, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .pool_max_idle_per_host(settings.concurrency)
+            .build()?;
+        Ok(Outbox {
+            pool,
+            http,
+            settings,
+            owner,
+            wake,
+            endpoints: Mutex::default(),
+        })
+    }
+
+    /// `(pending, dead)` request counts.
+    pub async fn depth(&self) -> Result<(i64, i64), sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(NOT dead), 0) AS SIGNED), CAST(COALESCE(SUM(dead), 0) AS SIGNED) FROM gateway_outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Delivers until shutdown, then lets requests in progress finish (each bounded by the
+    /// HTTP timeout). What is still queued stays in the table for the next start.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut active: JoinSet<(i32, Option<Duration>)> = JoinSet::new();
+        let mut running: HashSet<i32> = HashSet::new();
+        let mut not_before: HashMap<i32, Instant> = HashMap::new();
+        loop {
+            if !shutdown.is_cancelled() {
+                self.start_due_flows(&shutdown, &mut active, &mut running, &not_before)
+                    .await;
+            }
+            let now = Instant::now();
+            not_before.retain(|_, at| *at > now);
+            let next_check = not_before
+                .values()
+                .copied()
+                .min()
+                .unwrap_or(now + IDLE_POLL)
+                .min(now + IDLE_POLL);
+            tokio::select! {
+                _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(next_check) => {}
+                Some(done) = active.join_next(), if !active.is_empty() => {
+                    if let Ok((flow, wait)) = done {
+                        running.remove(&flow);
+                        if let Some(wait) = wait {
+                            not_before.insert(flow, Instant::now() + wait);
+                        }
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                while active.join_next().await.is_some() {}
+                return;
+            }
+        }
+    }
+
+    async fn start_due_flows(
+        self: &Arc<Self>,
+        shutdown: &CancellationToken,
+        active: &mut JoinSet<(i32, Option<Duration>)>,
+        running: &mut HashSet<i32>,
+        not_before: &HashMap<i32, Instant>,
+    ) {
+        let flows: Vec<i32> = match sqlx::query_scalar(
+            "SELECT DISTINCT flow_id FROM gateway_outbox WHERE dead = FALSE",
+        )
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(flows) => flows,
+            Err(error) => {
+                tracing::warn!("Outbox cannot read pending requests: {error}");
+                return;
+            }
+        };
+        for flow in flows {
+            if running.contains(&flow)
+                || not_before.get(&flow).is_some_and(|at| *at > Instant::now())
+            {
+                continue;
+            }
+            match self.acquire(flow).await {
+                Ok(true) => {
+                    running.insert(flow);
+                    let outbox = Arc::clone(self);
+                    let shutdown = shutdown.clone();
+                    active.spawn(async move { (flow, outbox.deliver_flow(flow, &shutdown).await) });
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!("Outbox cannot take the lease of flow {flow}: {error}")
+                }
+            }
+        }
+    }
+
+    /// Sends a flow's due requests until none is due; returns how long until the next one is.
+    async fn deliver_flow(&self, flow: i32, shutdown: &CancellationToken) -> Option<Duration> {
+        let wait = loop {
+            if shutdown.is_cancelled() {
+                break None;
+            }
+            let requests = match self.fetch(flow).await {
+                Ok(requests) => requests,
+                Err(error) => {
+                    tracing::warn!("Outbox cannot read the requests of flow {flow}: {error}");
+                    break Some(FIRST_RETRY);
+                }
+            };
+            let Some(head) = requests.first() else {
+                break None;
+            };
+            if let Some(wait) = head.wait {
+                break Some(wait);
+            }
+            let due: Vec<&Request> = requests.iter().take_while(|r| r.wait.is_none()).collect();
+            let results = if self.settings.ordered {
+                self.send_in_order(&due, shutdown).await
+            } else {
+                futures_util::future::join_all(
+                    due.iter().map(|r| async { (*r, self.send(r).await) }),
+                )
+                .await
+            };
+            if let Err(error) = self.record(&results).await {
+                tracing::warn!("Outbox cannot record deliveries of flow {flow}: {error}");
+                break Some(FIRST_RETRY);
+            }
+            if !self.renew(flow).await {
+                break None;
+            }
+        };
+        self.release(flow).await;
+        wait
+    }
+
+    /// One at a time; stops at the first failure, which holds the flow's later requests back.
+    async fn send_in_order<'a>(
+        &self,
+        due: &[&'a Request],
+        shutdown: &CancellationToken,
+    ) -> Vec<(&'a Request, Result<(), Failure>)> {
+        let mut results = Vec::with_capacity(due.len());
+        for request in due {
+            let result = self.send(request).await;
+            let failed = result.is_err();
+            results.push((*request, result));
+            if failed || shutdown.is_cancelled() {
+                break;
+            }
+        }
+        results
+    }
+
+    async fn send(&self, request: &Request) -> Result<(), Failure> {
+        let endpoint = self.endpoint_limit(&request.url);
+        let _permit = endpoint
+            .acquire()
+            .await
+            .expect("endpoint semaphores are never closed");
+        post(&self.http, &request.url, request.body.clone()).await
+    }
+
+    fn endpoint_limit(&self, url: &str) -> Arc<Semaphore> {
+        let origin = url::Url::parse(url)
+            .map(|u| u.origin().ascii_serialization())
+            .unwrap_or_default();
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            endpoints
+                .entry(origin)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.concurrency))),
+        )
+    }
+
+    async fn fetch(&self, flow: i32) -> Result<Vec<Request>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, flow_code, endpoint_url, body, attempts, \
+             TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(3)), \
+             TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(3), next_attempt_at) \
+             FROM gateway_outbox WHERE dead = FALSE AND flow_id = ? ORDER BY id LIMIT ?",
+        )
+        .bind(flow)
+        .bind(FETCH)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let micros = |i: usize| {
+                    u64::try_from(row.get::<i64, _>(i))
+                        .ok()
+                        .map(Duration::from_micros)
+                };
+                Request {
+                    id: row.get(0),
+                    flow_code: row.get(1),
+                    url: row.get(2),
+                    body: row.get(3),
+                    attempts: row.get::<i32, _>(4).max(0) as u32,
+                    age: micros(5).unwrap_or_default(),
+                    wait: micros(6).filter(|w| !w.is_zero()),
+                }
+            })
+            .collect())
+    }
+
+    /// Deletes what was delivered; schedules or buries what failed, logging each failure.
+    async fn record(&self, results: &[(&Request, Result<(), Failure>)]) -> Result<(), sqlx::Error> {
+        let delivered: Vec<i64> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(req, _)| req.id)
+            .collect();
+        if !delivered.is_empty() {
+            let mut delete: QueryBuilder<MySql> =
+                QueryBuilder::new("DELETE FROM gateway_outbox WHERE id IN (");
+            let mut ids = delete.separated(", ");
+            for id in &delivered {
+                ids.push_bind(*id);
+            }
+            delete.push(")");
+            delete.build().execute(&self.pool).await?;
+        }
+        for (request, result) in results {
+            let Err(failure) = result else { continue };
+            let attempts = request.attempts + 1;
+            tracing::error!(
+                flow_code = %request.flow_code,
+                "Error posting flow {} to endpoint {}: {}",
+                request.flow_code,
+                redacted_str(&request.url),
+                failure.error
+            );
+            let dead = attempts >= self.settings.max_attempts
+                || (failure.permanent && attempts >= PERMANENT_ATTEMPTS)
+                || request.age >= self.settings.max_age;
+            let delay = failure
+                .retry_after
+                .unwrap_or_else(|| {
+                    backoff::after_failures(attempts, FIRST_RETRY, self.settings.max_retry_delay)
+                })
+                .min(MAX_RETRY_AFTER);
+            if dead {
+                tracing::error!(
+                    flow_code = %request.flow_code,
+                    "Giving up on request {} of flow {} after {attempts} attempts over {:.0}s; it is kept in gateway_outbox as dead",
+                    request.id,
+                    request.flow_code,
+                    request.age.as_secs_f64()
+                );
+            }
+            sqlx::query(
+                "UPDATE gateway_outbox SET attempts = ?, last_error = ?, dead = ?, \
+                 next_attempt_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND WHERE id = ?",
+            )
+            .bind(attempts as i32)
+            .bind(failure.error.to_string())
+            .bind(dead)
+            .bind(delay.as_micros() as i64)
+            .bind(request.id)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the flow's lease if it is free, expired, or already ours.
+    async fn acquire(&self, flow: i32) -> Result<bool, sqlx::Error> {
+        // MariaDB evaluates the assignments left to right, so `owner` in the second one is the
+        // value the first one just set.
+        sqlx::query(
+            "INSERT INTO gateway_outbox_leases (flow_id, owner, expires_at) \
+             VALUES (?, ?, UTC_TIMESTAMP(3) + INTERVAL ? SECOND) \
+             ON DUPLICATE KEY UPDATE \
+             owner = IF(expires_at < UTC_TIMESTAMP(3) OR owner = VALUES(owner), VALUES(owner), owner), \
+             expires_at = IF(owner = VALUES(owner), VALUES(expires_at), expires_at)",
+        )
+        .bind(flow)
+        .bind(&self.owner)
+        .bind(LEASE.as_secs() as i64)
+        .execute(&self.pool)
+        .await?;
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT owner FROM gateway_outbox_leases WHERE flow_id = ?")
+                .bind(flow)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(owner.as_deref() == Some(self.owner.as_str()))
+    }
+
+    async fn renew(&self, flow: i32) -> bool {
+        let renewed = sqlx::query(
+            "UPDATE gateway_outbox_leases SET expires_at = UTC_TIMESTAMP(3) + INTERVAL ? SECOND \
+             WHERE flow_id = ? AND owner = ?",
+        )
+        .bind(LEASE.as_secs() as i64)
+        .bind(flow)
+        .bind(&self.owner)
+        .execute(&self.pool)
+        .await;
+        matches!(renewed, Ok(done) if done.rows_affected() == 1)
+    }
+
+    async fn release(&self, flow: i32) {
+        let _ = sqlx::query("DELETE FROM gateway_outbox_leases WHERE flow_id = ? AND owner = ?")
+            .bind(flow)
+            .bind(&self.owner)
+            .execute(&self.pool)
+            .await;
+    }
+}
+
+/// The original's call, `requests.post(url, json=payload, timeout=...)` then
+/// `raise_for_status()`, with the body already rendered as `requests` rendered it.
+async fn post(http: &reqwest::Client, url: &str, body: String) -> Result<(), Failure> {
+    let send = http
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await;
+    let response = match send {
+        Ok(response) => response,
+        Err(error) => {
+            return Err(Failure {
+                // A URL the client refuses will never work; anything else (refused, reset,
+                // timed out) may.
+                permanent: error.is_builder(),
+                error: PostError::Send(error_chain(&error.without_url())),
+                retry_after: None,
+            });
+        }
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let code = status.as_u16();
+    let retry_after = matches!(code, 429 | 503)
+        .then(|| retry_after(response.headers()))
+        .flatten();
+    Err(Failure {
+        permanent: !(status.is_server_error() || code == 408 || code == 429),
+        error: PostError::Status {
+            code,
+            kind: if status.is_client_error() {
+                "Client"
+            } else {
+                "Server"
+            },
+            reason: status.canonical_reason().unwrap_or("Unknown").to_owned(),
+            url: redacted_str(url),
+        },
+        retry_after,
+    })
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PostError {
+    #[error("{0}")]
+    Send(String),
+    /// Worded as `requests`' `raise_for_status()`, which the original logged.
+    #[error("{code} {kind} Error: {reason} for url: {url}")]
+    Status {
+        code: u16,
+        kind: &'static str,
+        reason: String,
+        url: String,
+    },
+}
+
+/// reqwest's top-level message ("error sending request") hides the cause an operator needs
+/// (connection refused, timed out, certificate ...), which sits further down the chain.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A URL as logged: a password in its user info is masked.
+pub fn redacted_str(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        let soon = (chrono::Utc::now() + chrono::Duration::seconds(90)).to_rfc2822();
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&soon).unwrap());
+        let parsed = retry_after(&headers).unwrap();
+        assert!(
+            parsed > Duration::from_secs(80) && parsed <= Duration::from_secs(90),
+            "{parsed:?}"
+        );
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn passwords_in_urls_are_masked() {
+        assert_eq!(
+            redacted_str("http://u:secret@h/p?q=1"),
+            "http://u:***@h/p?q=1"
+        );
+        assert_eq!(redacted_str("http://h/p"), "http://h/p");
+    }
+}
