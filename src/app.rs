@@ -40,10 +40,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let pool = db::connect(db)
         .await
         .with_context(|| {
-            format!(
-                "cannot connect to database {} at {}:{} as {}",
-                db.name, db.host, db.port, db.user
-            )
+            format!("cannot connect to database {} at {}:{} as {}", db.name, db.host, db.port, db.user)
         })
         .map_err(RunError::Startup)?;
     let outcome = run_with_pool(&settings, pool.clone(), hangup, shutdown).await;
@@ -58,10 +55,7 @@ async fn run_with_pool(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let startup = |e: anyhow::Error| RunError::Startup(e);
-    db::migrate(&pool)
-        .await
-        .context("cannot create the tables")
-        .map_err(startup)?;
+    db::migrate(&pool).await.context("cannot create the tables").map_err(startup)?;
     let (host, port) = &settings.default_broker;
     if db::seed_default_broker(&pool, host, *port)
         .await
@@ -70,12 +64,8 @@ async fn run_with_pool(
     {
         tracing::info!("mqtt_servers was empty: added the default broker {host}:{port}");
     }
-    let flows = FlowSet::from_rows(
-        db::enabled_flows(&pool)
-            .await
-            .context("cannot load flows")
-            .map_err(startup)?,
-    );
+    let flows =
+        FlowSet::from_rows(db::enabled_flows(&pool).await.context("cannot load flows").map_err(startup)?);
     let broker = db::choose_broker(&pool)
         .await
         .context("cannot read mqtt_servers")
@@ -91,17 +81,11 @@ async fn run_with_pool(
         );
     }
     let subscriptions = Subscriptions::new(&settings.mqtt);
-    let options = mqtt::options(&settings.mqtt, &broker)
-        .context("MQTT TLS")
-        .map_err(startup)?;
+    let options = mqtt::options(&settings.mqtt, &broker).context("MQTT TLS").map_err(startup)?;
     let (flows_tx, flows_rx) = watch::channel(Arc::new(flows));
     let (messages_tx, messages_rx) = mpsc::channel(settings.max_in_flight);
-    let (mut session, client) = BrokerSession::new(
-        options,
-        subscriptions.clone(),
-        flows_rx.clone(),
-        messages_tx,
-    );
+    let (mut session, client) =
+        BrokerSession::new(options, subscriptions.clone(), flows_rx.clone(), messages_tx);
     let mut reloader = Reloader::new(pool.clone(), flows_tx, client.clone(), subscriptions);
     reloader.report_broken(&flows_rx.borrow().broken);
 
@@ -119,11 +103,7 @@ async fn run_with_pool(
         Ok((pending, dead)) => {
             tracing::info!("Outbox holds {pending} pending and {dead} dead requests")
         }
-        Err(error) => {
-            return Err(startup(
-                anyhow::Error::new(error).context("cannot read gateway_outbox"),
-            ))
-        }
+        Err(error) => return Err(startup(anyhow::Error::new(error).context("cannot read gateway_outbox"))),
     }
     let processor = Processor::new(
         flows_rx.clone(),

@@ -13,11 +13,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(first: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            first,
-            cap,
-            next: first,
-        }
+        Backoff { first, cap, next: first }
     }
 
     pub fn reset(&mut self) {
@@ -34,10 +30,8 @@ impl Backoff {
 
 /// The delay before attempt `attempt + 1` after `attempt` failures, without keeping state.
 pub fn after_failures(attempt: u32, first: Duration, cap: Duration) -> Duration {
-    let doubled = first.saturating_mul(
-        1u32.checked_shl(attempt.saturating_sub(1).min(31))
-            .unwrap_or(u32::MAX),
-    );
+    let doubled =
+        first.saturating_mul(1u32.checked_shl(attempt.saturating_sub(1).min(31)).unwrap_or(u32::MAX));
     jitter(doubled.min(cap))
 }
 
@@ -66,10 +60,7 @@ mod tests {
     #[test]
     fn stateless_delays_follow_the_same_curve() {
         assert!(after_failures(1, FIRST, CAP) <= FIRST);
-        assert!(
-            after_failures(3, FIRST, CAP) >= FIRST * 2
-                && after_failures(3, FIRST, CAP) <= FIRST * 4
-        );
+        assert!(after_failures(3, FIRST, CAP) >= FIRST * 2 && after_failures(3, FIRST, CAP) <= FIRST * 4);
         assert!(after_failures(200, FIRST, CAP) <= CAP);
         assert!(after_failures(200, FIRST, CAP) >= CAP / 2);
     }

@@ -55,16 +55,14 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db
-            .try_downcast_ref::<MySqlDatabaseError>()
-            .is_some_and(|e| {
-                matches!(
-                    e.number(),
-                    // too many connections, server shutdown, read-only (two codes), lock wait
-                    // timeout, deadlock, Galera node not ready, connection killed, out of memory
-                    1040 | 1053 | 1290 | 1836 | 1205 | 1213 | 1047 | 1927 | 1037 | 1041
-                )
-            }),
+        sqlx::Error::Database(db) => db.try_downcast_ref::<MySqlDatabaseError>().is_some_and(|e| {
+            matches!(
+                e.number(),
+                // too many connections, server shutdown, read-only (two codes), lock wait
+                // timeout, deadlock, Galera node not ready, connection killed, out of memory
+                1040 | 1053 | 1290 | 1836 | 1205 | 1213 | 1047 | 1927 | 1037 | 1041
+            )
+        }),
         _ => false,
     }
 }
@@ -112,17 +110,12 @@ pub async fn write(
         let msg_id = *next;
         *next += 1;
         match &item.effect {
-            Effect::Store(attributes) => {
-                data_rows.extend(attributes.iter().map(|attribute| DataRow {
-                    flow_code: &item.flow.code,
-                    attribute,
-                    msg_id,
-                }))
-            }
-            Effect::Post {
-                url,
-                body: Ok(body),
-            } => outbox_rows.push(OutboxRow {
+            Effect::Store(attributes) => data_rows.extend(attributes.iter().map(|attribute| DataRow {
+                flow_code: &item.flow.code,
+                attribute,
+                msg_id,
+            })),
+            Effect::Post { url, body: Ok(body) } => outbox_rows.push(OutboxRow {
                 flow_id: item.flow.id,
                 flow_code: &item.flow.code,
                 url,

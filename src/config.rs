@@ -37,10 +37,7 @@ pub enum ConfigError {
     #[error("invalid environment variable {name}: {reason}")]
     Invalid { name: String, reason: String },
     #[error("cannot read the database password from {path}: {source}")]
-    PasswordFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    PasswordFile { path: PathBuf, source: std::io::Error },
 }
 
 /// The variables as read; secrets and derived values are resolved in [`Settings::from_env`].
@@ -222,17 +219,12 @@ impl Settings {
     }
 
     /// Reads the given variables, as the process environment would hold them.
-    pub fn from_vars(
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Settings, ConfigError> {
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
         let raw: Raw = envy::from_iter(vars).map_err(|e| match e {
             envy::Error::MissingValue(field) => ConfigError::Missing(field.to_ascii_uppercase()),
             // envy's message already names the variable and the value; no secret is parsed
             // into a type that can fail, so none can appear here.
-            envy::Error::Custom(msg) => ConfigError::Invalid {
-                name: variable_in(&msg),
-                reason: msg,
-            },
+            envy::Error::Custom(msg) => ConfigError::Invalid { name: variable_in(&msg), reason: msg },
         })?;
         let password = resolve_password(&raw)?;
         if !(raw.http_timeout_seconds.is_finite() && raw.http_timeout_seconds > 0.0) {
@@ -264,10 +256,7 @@ impl Settings {
         }
         let positive = |name: &str, value: usize| {
             if value == 0 {
-                Err(ConfigError::Invalid {
-                    name: name.into(),
-                    reason: "must be at least 1".into(),
-                })
+                Err(ConfigError::Invalid { name: name.into(), reason: "must be at least 1".into() })
             } else {
                 Ok(value)
             }
@@ -275,9 +264,7 @@ impl Settings {
         positive("MAX_IN_FLIGHT", raw.max_in_flight)?;
         positive("BATCH_MAX_MESSAGES", raw.batch_max_messages)?;
         positive("HTTP_CONCURRENCY", raw.http_concurrency)?;
-        if !(raw.http_retry_max_delay_seconds.is_finite()
-            && raw.http_retry_max_delay_seconds >= 0.1)
-        {
+        if !(raw.http_retry_max_delay_seconds.is_finite() && raw.http_retry_max_delay_seconds >= 0.1) {
             return Err(ConfigError::Invalid {
                 name: "HTTP_RETRY_MAX_DELAY_SECONDS".into(),
                 reason: "must be at least 0.1".into(),
@@ -303,10 +290,7 @@ impl Settings {
                     })
                 }
             };
-            Ok(TlsSettings {
-                ca_file: raw.mqtt_ca_file.clone(),
-                client_auth,
-            })
+            Ok(TlsSettings { ca_file: raw.mqtt_ca_file.clone(), client_auth })
         });
         let tls = tls.transpose()?;
         Ok(Settings {
@@ -367,10 +351,8 @@ fn resolve_password(raw: &Raw) -> Result<Secret, ConfigError> {
 }
 
 fn read_password_file(path: &Path) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::PasswordFile {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::PasswordFile { path: path.to_owned(), source })?;
     // Editors and `echo` add one newline; a password never ends with one on purpose.
     let text = text.strip_suffix('\n').unwrap_or(&text);
     let text = text.strip_suffix('\r').unwrap_or(text);
@@ -389,10 +371,7 @@ fn hostname() -> String {
 
 /// envy ends a parse error with "provided by NAME"; the operator needs that name first.
 fn variable_in(message: &str) -> String {
-    message
-        .rsplit_once("provided by ")
-        .map_or("(unknown)", |(_, name)| name)
-        .to_owned()
+    message.rsplit_once("provided by ").map_or("(unknown)", |(_, name)| name).to_owned()
 }
 
 #[cfg(test)]
@@ -400,16 +379,12 @@ mod tests {
     use super::*;
 
     fn vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = [
-            ("DB_HOST", "db"),
-            ("DB_NAME", "gw"),
-            ("DB_USER", "u"),
-            ("DB_PASSWORD", "p@ss/w:rd"),
-        ]
-        .iter()
-        .chain(extra)
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let mut v: Vec<(String, String)> =
+            [("DB_HOST", "db"), ("DB_NAME", "gw"), ("DB_USER", "u"), ("DB_PASSWORD", "p@ss/w:rd")]
+                .iter()
+                .chain(extra)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
         v.dedup_by(|a, b| a.0 == b.0);
         v
     }
@@ -437,23 +412,15 @@ mod tests {
 
     #[test]
     fn a_missing_variable_is_named() {
-        let v: Vec<_> = vars(&[])
-            .into_iter()
-            .filter(|(k, _)| k != "DB_NAME")
-            .collect();
+        let v: Vec<_> = vars(&[]).into_iter().filter(|(k, _)| k != "DB_NAME").collect();
         let err = Settings::from_vars(v).unwrap_err().to_string();
         assert_eq!(err, "missing environment variable DB_NAME");
     }
 
     #[test]
     fn a_malformed_variable_is_named() {
-        let err = Settings::from_vars(vars(&[("DB_PORT", "abc")]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("invalid environment variable DB_PORT:"),
-            "{err}"
-        );
+        let err = Settings::from_vars(vars(&[("DB_PORT", "abc")])).unwrap_err().to_string();
+        assert!(err.starts_with("invalid environment variable DB_PORT:"), "{err}");
     }
 
     #[test]
@@ -481,39 +448,19 @@ mod tests {
         let s = Settings::from_vars(vars(&[("MQTT_SHARED_GROUP", "gw")])).unwrap();
         assert!(s.mqtt.client_id.starts_with("mqtt-gateway-") && s.mqtt.client_id.len() > 13);
         assert!(!s.mqtt.client_id_explicit);
-        let s = Settings::from_vars(vars(&[
-            ("MQTT_SHARED_GROUP", "gw"),
-            ("MQTT_CLIENT_ID", "a"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            (s.mqtt.client_id.as_str(), s.mqtt.client_id_explicit),
-            ("a", true)
-        );
+        let s = Settings::from_vars(vars(&[("MQTT_SHARED_GROUP", "gw"), ("MQTT_CLIENT_ID", "a")])).unwrap();
+        assert_eq!((s.mqtt.client_id.as_str(), s.mqtt.client_id_explicit), ("a", true));
         let s = Settings::from_vars(vars(&[])).unwrap();
-        assert_eq!(
-            s.mqtt.client_id, "mqtt-gateway",
-            "drop-in default without a group"
-        );
+        assert_eq!(s.mqtt.client_id, "mqtt-gateway", "drop-in default without a group");
     }
 
     #[test]
     fn tls_needs_certificate_and_key_together() {
-        let err = Settings::from_vars(vars(&[
-            ("MQTT_TLS", "true"),
-            ("MQTT_CLIENT_CERT", "/c.pem"),
-        ]))
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("MQTT_CLIENT_CERT and MQTT_CLIENT_KEY go together"),
-            "{err}"
-        );
+        let err =
+            Settings::from_vars(vars(&[("MQTT_TLS", "true"), ("MQTT_CLIENT_CERT", "/c.pem")])).unwrap_err();
+        assert!(err.to_string().contains("MQTT_CLIENT_CERT and MQTT_CLIENT_KEY go together"), "{err}");
         let s = Settings::from_vars(vars(&[("MQTT_TLS", "true")])).unwrap();
-        assert!(s
-            .mqtt
-            .tls
-            .is_some_and(|t| t.ca_file.is_none() && t.client_auth.is_none()));
+        assert!(s.mqtt.tls.is_some_and(|t| t.ca_file.is_none() && t.client_auth.is_none()));
     }
 
     #[test]

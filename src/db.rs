@@ -44,11 +44,7 @@ pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError
 
 /// Seeds one broker row when `mqtt_servers` is empty, in one statement so two instances
 /// starting together cannot both seed.
-pub async fn seed_default_broker(
-    pool: &MySqlPool,
-    host: &str,
-    port: u16,
-) -> Result<bool, sqlx::Error> {
+pub async fn seed_default_broker(pool: &MySqlPool, host: &str, port: u16) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "INSERT INTO mqtt_servers (host, port, username, password, enabled, is_default) \
          SELECT ?, ?, NULL, NULL, TRUE, TRUE FROM DUAL \
@@ -90,12 +86,11 @@ pub async fn advance_counter(
     flow_id: i32,
     count: i32,
 ) -> Result<i32, CounterError> {
-    let done =
-        sqlx::query("UPDATE flows SET last_msg_id = LAST_INSERT_ID(last_msg_id + ?) WHERE id = ?")
-            .bind(count)
-            .bind(flow_id)
-            .execute(&mut **tx)
-            .await?;
+    let done = sqlx::query("UPDATE flows SET last_msg_id = LAST_INSERT_ID(last_msg_id + ?) WHERE id = ?")
+        .bind(count)
+        .bind(flow_id)
+        .execute(&mut **tx)
+        .await?;
     if done.rows_affected() != 1 {
         return Err(CounterError::FlowGone(flow_id));
     }

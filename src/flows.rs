@@ -61,11 +61,7 @@ impl TryFrom<FlowRow> for Flow {
     type Error = BrokenFlow;
 
     fn try_from(row: FlowRow) -> Result<Flow, BrokenFlow> {
-        let broken = |reason: String| BrokenFlow {
-            id: row.id,
-            code: row.code.clone(),
-            reason,
-        };
+        let broken = |reason: String| BrokenFlow { id: row.id, code: row.code.clone(), reason };
         let filter = TopicFilter::parse(&row.topic)
             .map_err(|e| broken(format!("invalid topic filter {:?}: {e}", row.topic)))?;
         // The original compared the action strings; accepting other spellings only widens what
@@ -73,18 +69,11 @@ impl TryFrom<FlowRow> for Flow {
         let action = match row.action.trim().to_ascii_uppercase().as_str() {
             "STORE_DB" => Action::StoreDb,
             "POST_ENDPOINT" => {
-                let raw = row
-                    .endpoint_url
-                    .as_deref()
-                    .map(str::trim)
-                    .unwrap_or_default();
+                let raw = row.endpoint_url.as_deref().map(str::trim).unwrap_or_default();
                 if raw.is_empty() {
-                    return Err(broken(
-                        "action POST_ENDPOINT needs an endpoint_url".to_owned(),
-                    ));
+                    return Err(broken("action POST_ENDPOINT needs an endpoint_url".to_owned()));
                 }
-                let url = url::Url::parse(raw)
-                    .map_err(|e| broken(format!("invalid endpoint_url: {e}")))?;
+                let url = url::Url::parse(raw).map_err(|e| broken(format!("invalid endpoint_url: {e}")))?;
                 if !matches!(url.scheme(), "http" | "https") {
                     return Err(broken(format!(
                         "endpoint_url must be http or https, not {:?}",
@@ -94,21 +83,13 @@ impl TryFrom<FlowRow> for Flow {
                 Action::PostEndpoint { url }
             }
             other => {
-                return Err(broken(format!(
-                    "unknown action {other:?} (expected STORE_DB or POST_ENDPOINT)"
-                )))
+                return Err(broken(format!("unknown action {other:?} (expected STORE_DB or POST_ENDPOINT)")))
             }
         };
         let schema_text = row.payload_schema.as_deref().unwrap_or("null");
-        let schema = PayloadSchema::parse(schema_text)
-            .map_err(|e| broken(format!("invalid payload_schema: {e}")))?;
-        Ok(Flow {
-            id: row.id,
-            code: row.code,
-            filter,
-            action,
-            schema,
-        })
+        let schema =
+            PayloadSchema::parse(schema_text).map_err(|e| broken(format!("invalid payload_schema: {e}")))?;
+        Ok(Flow { id: row.id, code: row.code, filter, action, schema })
     }
 }
 
@@ -133,10 +114,7 @@ impl FlowSet {
 
     /// The distinct filters to subscribe: several flows may share one.
     pub fn filters(&self) -> BTreeSet<String> {
-        self.flows
-            .iter()
-            .map(|f| f.filter.as_str().to_owned())
-            .collect()
+        self.flows.iter().map(|f| f.filter.as_str().to_owned()).collect()
     }
 
     /// The flows a message on `topic` goes to, in `id` order.
@@ -277,10 +255,7 @@ impl PayloadSchema {
     pub fn parse(text: &str) -> Result<PayloadSchema, String> {
         let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
         let Value::Object(top) = value else {
-            return Err(format!(
-                "expected a JSON object, got {}",
-                json_type_name(&value)
-            ));
+            return Err(format!("expected a JSON object, got {}", json_type_name(&value)));
         };
         let fields = match top.get("properties") {
             Some(Value::Object(props)) => Self::properties_form(props)?,
@@ -303,9 +278,7 @@ impl PayloadSchema {
             .collect()
     }
 
-    fn properties_form(
-        props: &Map<String, Value>,
-    ) -> Result<Vec<(String, Option<FieldType>)>, String> {
+    fn properties_form(props: &Map<String, Value>) -> Result<Vec<(String, Option<FieldType>)>, String> {
         props
             .iter()
             .map(|(name, spec)| {
@@ -367,16 +340,8 @@ mod tests {
     #[case("$SYS/#", "$SYS/broker", true)]
     #[case("a/b", "a/b/", false)]
     #[case("a/b", "A/b", false)]
-    fn topic_filters_match_by_mqtt_rules(
-        #[case] filter: &str,
-        #[case] topic: &str,
-        #[case] hit: bool,
-    ) {
-        assert_eq!(
-            TopicFilter::parse(filter).unwrap().matches(topic),
-            hit,
-            "{filter} vs {topic}"
-        );
+    fn topic_filters_match_by_mqtt_rules(#[case] filter: &str, #[case] topic: &str, #[case] hit: bool) {
+        assert_eq!(TopicFilter::parse(filter).unwrap().matches(topic), hit, "{filter} vs {topic}");
     }
 
     #[rstest]
@@ -395,11 +360,7 @@ mod tests {
 
     #[rstest]
     #[case(r#"{"temperature": "float"}"#, r#"{"temperature": 21}"#, true)]
-    #[case(
-        r#"{"temperature": "float"}"#,
-        r#"{"temperature": 21.5, "extra": "ok"}"#,
-        true
-    )]
+    #[case(r#"{"temperature": "float"}"#, r#"{"temperature": 21.5, "extra": "ok"}"#, true)]
     #[case(r#"{"temperature": "float"}"#, r#"{"temperature": true}"#, true)]
     #[case(r#"{"temperature": "float"}"#, r#"{"temperature": "21"}"#, false)]
     #[case(r#"{"temperature": "float"}"#, r#"{"humidity": 1}"#, false)]
@@ -417,11 +378,7 @@ mod tests {
     #[case(r#"{"properties": {"t": {}}}"#, r#"{"t": "anything"}"#, true)]
     #[case(r#"{"properties": {"t": {}}}"#, r#"{}"#, false)]
     #[case(r#"{}"#, r#"{"x": 1}"#, true)]
-    fn schemas_validate_like_the_original(
-        #[case] schema: &str,
-        #[case] payload: &str,
-        #[case] ok: bool,
-    ) {
+    fn schemas_validate_like_the_original(#[case] schema: &str, #[case] payload: &str, #[case] ok: bool) {
         let schema = PayloadSchema::parse(schema).unwrap();
         assert_eq!(schema.validate(&obj(payload)).is_ok(), ok, "{payload}");
     }
@@ -430,15 +387,10 @@ mod tests {
     fn validation_errors_name_the_field_and_types() {
         let schema = PayloadSchema::parse(r#"{"temperature": "float"}"#).unwrap();
         assert_eq!(
-            schema
-                .validate(&obj(r#"{"temperature": "hot"}"#))
-                .unwrap_err(),
+            schema.validate(&obj(r#"{"temperature": "hot"}"#)).unwrap_err(),
             "field 'temperature' must be of type number, got string"
         );
-        assert_eq!(
-            schema.validate(&obj(r#"{}"#)).unwrap_err(),
-            "missing required field 'temperature'"
-        );
+        assert_eq!(schema.validate(&obj(r#"{}"#)).unwrap_err(), "missing required field 'temperature'");
     }
 
     #[rstest]
@@ -470,10 +422,7 @@ mod tests {
     #[case(row("POST_ENDPOINT", "a", None, "{}"), "needs an endpoint_url")]
     #[case(row("POST_ENDPOINT", "a", Some("  "), "{}"), "needs an endpoint_url")]
     #[case(row("POST_ENDPOINT", "a", Some("ftp://x/y"), "{}"), "http or https")]
-    #[case(
-        row("POST_ENDPOINT", "a", Some("not a url"), "{}"),
-        "invalid endpoint_url"
-    )]
+    #[case(row("POST_ENDPOINT", "a", Some("not a url"), "{}"), "invalid endpoint_url")]
     #[case(row("STORE_DB", "a", None, "[1]"), "invalid payload_schema")]
     fn broken_rows_say_what_is_wrong(#[case] row: FlowRow, #[case] reason: &str) {
         let broken = Flow::try_from(row).unwrap_err();
@@ -486,17 +435,11 @@ mod tests {
         let set = FlowSet::from_rows(vec![
             row("STORE_DB", "s/+", None, "{}"),
             row("BOGUS", "s/x", None, "{}"),
-            FlowRow {
-                id: 8,
-                ..row("post_endpoint", "s/#", Some("http://h/p"), "{}")
-            },
+            FlowRow { id: 8, ..row("post_endpoint", "s/#", Some("http://h/p"), "{}") },
         ]);
         assert_eq!(set.flows.len(), 2);
         assert_eq!(set.broken.len(), 1);
         assert_eq!(set.matching("s/x").count(), 2);
-        assert_eq!(
-            set.filters().into_iter().collect::<Vec<_>>(),
-            vec!["s/#", "s/+"]
-        );
+        assert_eq!(set.filters().into_iter().collect::<Vec<_>>(), vec!["s/#", "s/+"]);
     }
 }

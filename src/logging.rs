@@ -46,10 +46,7 @@ pub fn init(log_dir: Option<&Path>) -> io::Result<()> {
         None => None,
     };
     // A second init (tests calling run twice in one process) keeps the first subscriber.
-    let _ = tracing_subscriber::registry()
-        .with(stderr)
-        .with(file)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(stderr).with(file).try_init();
     Ok(())
 }
 
@@ -76,19 +73,10 @@ where
             Level::DEBUG | Level::TRACE => "DEBUG",
         };
         let target = meta.target();
-        let logger = if target.starts_with(LOGGER) {
-            LOGGER
-        } else {
-            target
-        };
+        let logger = if target.starts_with(LOGGER) { LOGGER } else { target };
         let mut message = MessageOnly(String::new());
         event.record(&mut message);
-        writeln!(
-            w,
-            "{} | {level} | {logger} | {}",
-            Local::now().format("%Y-%m-%d %H:%M:%S"),
-            message.0
-        )
+        writeln!(w, "{} | {level} | {logger} | {}", Local::now().format("%Y-%m-%d %H:%M:%S"), message.0)
     }
 }
 
@@ -118,10 +106,7 @@ struct DailyFile {
 
 impl DailyFile {
     fn new(dir: PathBuf) -> DailyFile {
-        DailyFile {
-            dir,
-            current: Mutex::new(None),
-        }
+        DailyFile { dir, current: Mutex::new(None) }
     }
 }
 
@@ -141,10 +126,7 @@ impl Write for DailyFileWriter<'_> {
         let today = Local::now().date_naive();
         let mut current = self.file.current.lock().unwrap_or_else(|p| p.into_inner());
         if current.as_ref().is_none_or(|(day, _)| *day != today) {
-            let path = self
-                .file
-                .dir
-                .join(format!("{}.log", today.format("%Y-%m-%d")));
+            let path = self.file.dir.join(format!("{}.log", today.format("%Y-%m-%d")));
             let file = OpenOptions::new().create(true).append(true).open(path)?;
             *current = Some((today, file));
         }

@@ -16,9 +16,8 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(error) => {
             // Logging is not configured yet; LOG_DIR is still honoured if it is readable.
-            let log_dir: Option<std::path::PathBuf> = std::env::var_os("LOG_DIR")
-                .filter(|d| !d.is_empty())
-                .map(Into::into);
+            let log_dir: Option<std::path::PathBuf> =
+                std::env::var_os("LOG_DIR").filter(|d| !d.is_empty()).map(Into::into);
             let _ = logging::init(log_dir.as_deref());
             tracing::error!("Fatal error during startup: {error}");
             return ExitCode::FAILURE;
@@ -60,10 +59,8 @@ fn main() -> ExitCode {
 /// The first SIGTERM or SIGINT starts an orderly shutdown; a second one ends the process at
 /// once, for an operator who does not want to wait for slow endpoints.
 async fn stop_on_signal(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         tracing::error!("Cannot install SIGTERM/SIGINT handlers");
         return;
     };

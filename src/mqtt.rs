@@ -13,8 +13,8 @@ use crate::config::MqttSettings;
 use crate::db::BrokerRow;
 use crate::flows::FlowSet;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
-    Packet, Publish, QoS, SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
+    Publish, QoS, SubscribeReasonCode,
 };
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -38,11 +38,10 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why the first connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot connect to MQTT broker {address}: {source}")]
-    Connect {
-        address: String,
-        source: ConnectionError,
-    },
+    /// `cause`, not `source`: its text is part of this message, and must not be repeated by
+    /// the error chain.
+    #[error("cannot connect to MQTT broker {address}: {cause}{}", hint(cause))]
+    Connect { address: String, cause: ConnectionError },
     #[error("no SUBACK from the broker within {0:?}")]
     SubscribeTimeout(Duration),
     #[error("interrupted by shutdown")]
@@ -58,15 +57,8 @@ pub struct Subscriptions {
 
 impl Subscriptions {
     pub fn new(settings: &MqttSettings) -> Subscriptions {
-        let qos = if settings.qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        };
-        Subscriptions {
-            qos,
-            shared_group: settings.shared_group.clone(),
-        }
+        let qos = if settings.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+        Subscriptions { qos, shared_group: settings.shared_group.clone() }
     }
 
     /// The filter as sent to the broker. Messages still arrive with their real topic, so flows
@@ -81,10 +73,7 @@ impl Subscriptions {
 
 /// Client options from the chosen `mqtt_servers` row and the environment.
 pub fn options(settings: &MqttSettings, broker: &BrokerRow) -> anyhow::Result<MqttOptions> {
-    let port = broker
-        .port
-        .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or(1883);
+    let port = broker.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(1883);
     let mut options = MqttOptions::new(&settings.client_id, &broker.host, port);
     options
         .set_keep_alive(settings.keepalive)
@@ -100,9 +89,9 @@ pub fn options(settings: &MqttSettings, broker: &BrokerRow) -> anyhow::Result<Mq
     }
     if let Some(tls) = &settings.tls {
         let config = crate::tls::broker_config(tls)?;
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
-        ));
+        options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            Arc::new(config),
+        )));
     }
     Ok(options)
 }
@@ -120,10 +109,8 @@ fn return_code(code: ConnectReturnCode) -> u8 {
 }
 
 fn hint(error: &ConnectionError) -> String {
-    let text = format!("{error:?}");
-    crate::tls::explain(&text)
-        .map(|hint| format!(" ({hint})"))
-        .unwrap_or_default()
+    let text = format!("{error} {error:?}");
+    crate::tls::explain(&text).map(|hint| format!(" ({hint})")).unwrap_or_default()
 }
 
 pub struct BrokerSession {
@@ -177,22 +164,14 @@ impl BrokerSession {
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
                 Ok(_) => {}
                 Err(ConnectionError::ConnectionRefused(code)) => {
-                    tracing::error!(
-                        "MQTT connection failed with reason code: {}",
-                        return_code(code)
-                    );
+                    tracing::error!("MQTT connection failed with reason code: {}", return_code(code));
                     let delay = self.backoff.step();
                     tokio::select! {
                         _ = shutdown.cancelled() => return Err(StartError::Interrupted),
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Err(source) => {
-                    return Err(StartError::Connect {
-                        address: self.address.clone(),
-                        source,
-                    })
-                }
+                Err(cause) => return Err(StartError::Connect { address: self.address.clone(), cause }),
             }
         }
         self.backoff.reset();
@@ -216,12 +195,7 @@ impl BrokerSession {
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
                 Ok(_) => {}
-                Err(source) => {
-                    return Err(StartError::Connect {
-                        address: self.address.clone(),
-                        source,
-                    })
-                }
+                Err(cause) => return Err(StartError::Connect { address: self.address.clone(), cause }),
             }
         }
     }
@@ -259,9 +233,7 @@ impl BrokerSession {
                     self.subscribe(&filters).await;
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
-                Ok(Event::Incoming(Packet::SubAck(ack)))
-                    if ack.return_codes.iter().any(is_refused) =>
-                {
+                Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.iter().any(is_refused) => {
                     tracing::error!(
                         "MQTT broker refused a subscription (packet {}): {:?}",
                         ack.pkid,
@@ -270,10 +242,7 @@ impl BrokerSession {
                 }
                 Ok(_) => {}
                 Err(ConnectionError::ConnectionRefused(code)) => {
-                    tracing::error!(
-                        "MQTT connection failed with reason code: {}",
-                        return_code(code)
-                    );
+                    tracing::error!("MQTT connection failed with reason code: {}", return_code(code));
                     retry_in = Some(self.backoff.step());
                 }
                 Err(error) => {
@@ -306,10 +275,7 @@ impl BrokerSession {
             return;
         }
         let topics = filters.iter().map(|f| {
-            rumqttc::SubscribeFilter::new(
-                self.subscriptions.broker_filter(f),
-                self.subscriptions.qos,
-            )
+            rumqttc::SubscribeFilter::new(self.subscriptions.broker_filter(f), self.subscriptions.qos)
         });
         if let Err(error) = self.client.subscribe_many(topics).await {
             tracing::error!("Cannot queue MQTT subscription: {error}");
@@ -347,11 +313,7 @@ fn is_refused(code: &SubscribeReasonCode) -> bool {
 }
 
 pub fn join(filters: &BTreeSet<String>) -> String {
-    filters
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(", ")
+    filters.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -360,14 +322,8 @@ mod tests {
 
     #[test]
     fn shared_groups_prefix_broker_filters_only() {
-        let plain = Subscriptions {
-            qos: QoS::AtLeastOnce,
-            shared_group: None,
-        };
-        let shared = Subscriptions {
-            qos: QoS::AtLeastOnce,
-            shared_group: Some("gw".into()),
-        };
+        let plain = Subscriptions { qos: QoS::AtLeastOnce, shared_group: None };
+        let shared = Subscriptions { qos: QoS::AtLeastOnce, shared_group: Some("gw".into()) };
         assert_eq!(plain.broker_filter("a/#"), "a/#");
         assert_eq!(shared.broker_filter("a/#"), "$share/gw/a/#");
     }
@@ -390,18 +346,9 @@ mod tests {
             username: u.map(Into::into),
             password: p.map(Into::into),
         };
-        assert!(options(&settings, &row(Some("u"), Some("p")))
-            .credentials()
-            .is_some());
-        assert!(options(&settings, &row(Some("u"), None))
-            .credentials()
-            .is_none());
-        assert!(options(&settings, &row(Some("u"), Some("")))
-            .credentials()
-            .is_none());
-        assert_eq!(
-            options(&settings, &row(None, None)).broker_address().1,
-            1884
-        );
+        assert!(options(&settings, &row(Some("u"), Some("p"))).credentials().is_some());
+        assert!(options(&settings, &row(Some("u"), None)).credentials().is_none());
+        assert!(options(&settings, &row(Some("u"), Some(""))).credentials().is_none());
+        assert_eq!(options(&settings, &row(None, None)).broker_address().1, 1884);
     }
 }

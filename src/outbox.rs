@@ -77,14 +77,7 @@ impl Outbox {
             .timeout(settings.timeout)
             .pool_max_idle_per_host(settings.concurrency)
             .build()?;
-        Ok(Outbox {
-            pool,
-            http,
-            settings,
-            owner,
-            wake,
-            endpoints: Mutex::default(),
-        })
+        Ok(Outbox { pool, http, settings, owner, wake, endpoints: Mutex::default() })
     }
 
     /// `(pending, dead)` request counts.
@@ -105,17 +98,12 @@ impl Outbox {
         let mut not_before: HashMap<i32, Instant> = HashMap::new();
         loop {
             if !shutdown.is_cancelled() {
-                self.start_due_flows(&shutdown, &mut active, &mut running, &not_before)
-                    .await;
+                self.start_due_flows(&shutdown, &mut active, &mut running, &not_before).await;
             }
             let now = Instant::now();
             not_before.retain(|_, at| *at > now);
-            let next_check = not_before
-                .values()
-                .copied()
-                .min()
-                .unwrap_or(now + IDLE_POLL)
-                .min(now + IDLE_POLL);
+            let next_check =
+                not_before.values().copied().min().unwrap_or(now + IDLE_POLL).min(now + IDLE_POLL);
             tokio::select! {
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
                 _ = self.wake.notified() => {}
@@ -143,22 +131,19 @@ impl Outbox {
         running: &mut HashSet<i32>,
         not_before: &HashMap<i32, Instant>,
     ) {
-        let flows: Vec<i32> = match sqlx::query_scalar(
-            "SELECT DISTINCT flow_id FROM gateway_outbox WHERE dead = FALSE",
-        )
-        .fetch_all(&self.pool)
-        .await
-        {
-            Ok(flows) => flows,
-            Err(error) => {
-                tracing::warn!("Outbox cannot read pending requests: {error}");
-                return;
-            }
-        };
-        for flow in flows {
-            if running.contains(&flow)
-                || not_before.get(&flow).is_some_and(|at| *at > Instant::now())
+        let flows: Vec<i32> =
+            match sqlx::query_scalar("SELECT DISTINCT flow_id FROM gateway_outbox WHERE dead = FALSE")
+                .fetch_all(&self.pool)
+                .await
             {
+                Ok(flows) => flows,
+                Err(error) => {
+                    tracing::warn!("Outbox cannot read pending requests: {error}");
+                    return;
+                }
+            };
+        for flow in flows {
+            if running.contains(&flow) || not_before.get(&flow).is_some_and(|at| *at > Instant::now()) {
                 continue;
             }
             match self.acquire(flow).await {
@@ -199,10 +184,7 @@ impl Outbox {
             let results = if self.settings.ordered {
                 self.send_in_order(&due, shutdown).await
             } else {
-                futures_util::future::join_all(
-                    due.iter().map(|r| async { (*r, self.send(r).await) }),
-                )
-                .await
+                futures_util::future::join_all(due.iter().map(|r| async { (*r, self.send(r).await) })).await
             };
             if let Err(error) = self.record(&results).await {
                 tracing::warn!("Outbox cannot record deliveries of flow {flow}: {error}");
@@ -236,22 +218,15 @@ impl Outbox {
 
     async fn send(&self, request: &Request) -> Result<(), Failure> {
         let endpoint = self.endpoint_limit(&request.url);
-        let _permit = endpoint
-            .acquire()
-            .await
-            .expect("endpoint semaphores are never closed");
+        let _permit = endpoint.acquire().await.expect("endpoint semaphores are never closed");
         post(&self.http, &request.url, request.body.clone()).await
     }
 
     fn endpoint_limit(&self, url: &str) -> Arc<Semaphore> {
-        let origin = url::Url::parse(url)
-            .map(|u| u.origin().ascii_serialization())
-            .unwrap_or_default();
+        let origin = url::Url::parse(url).map(|u| u.origin().ascii_serialization()).unwrap_or_default();
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(
-            endpoints
-                .entry(origin)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.concurrency))),
+            endpoints.entry(origin).or_insert_with(|| Arc::new(Semaphore::new(self.settings.concurrency))),
         )
     }
 
@@ -269,11 +244,7 @@ impl Outbox {
         Ok(rows
             .iter()
             .map(|row| {
-                let micros = |i: usize| {
-                    u64::try_from(row.get::<i64, _>(i))
-                        .ok()
-                        .map(Duration::from_micros)
-                };
+                let micros = |i: usize| u64::try_from(row.get::<i64, _>(i)).ok().map(Duration::from_micros);
                 Request {
                     id: row.get(0),
                     flow_code: row.get(1),
@@ -289,11 +260,7 @@ impl Outbox {
 
     /// Deletes what was delivered; schedules or buries what failed, logging each failure.
     async fn record(&self, results: &[(&Request, Result<(), Failure>)]) -> Result<(), sqlx::Error> {
-        let delivered: Vec<i64> = results
-            .iter()
-            .filter(|(_, r)| r.is_ok())
-            .map(|(req, _)| req.id)
-            .collect();
+        let delivered: Vec<i64> = results.iter().filter(|(_, r)| r.is_ok()).map(|(req, _)| req.id).collect();
         if !delivered.is_empty() {
             let mut delete: QueryBuilder<MySql> =
                 QueryBuilder::new("DELETE FROM gateway_outbox WHERE id IN (");
@@ -396,12 +363,8 @@ impl Outbox {
 /// The original's call, `requests.post(url, json=payload, timeout=...)` then
 /// `raise_for_status()`, with the body already rendered as `requests` rendered it.
 async fn post(http: &reqwest::Client, url: &str, body: String) -> Result<(), Failure> {
-    let send = http
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await;
+    let send =
+        http.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body).send().await;
     let response = match send {
         Ok(response) => response,
         Err(error) => {
@@ -419,18 +382,12 @@ async fn post(http: &reqwest::Client, url: &str, body: String) -> Result<(), Fai
         return Ok(());
     }
     let code = status.as_u16();
-    let retry_after = matches!(code, 429 | 503)
-        .then(|| retry_after(response.headers()))
-        .flatten();
+    let retry_after = matches!(code, 429 | 503).then(|| retry_after(response.headers())).flatten();
     Err(Failure {
         permanent: !(status.is_server_error() || code == 408 || code == 429),
         error: PostError::Status {
             code,
-            kind: if status.is_client_error() {
-                "Client"
-            } else {
-                "Server"
-            },
+            kind: if status.is_client_error() { "Client" } else { "Server" },
             reason: status.canonical_reason().unwrap_or("Unknown").to_owned(),
             url: redacted_str(url),
         },
@@ -440,18 +397,12 @@ async fn post(http: &reqwest::Client, url: &str, body: String) -> Result<(), Fai
 
 /// `Retry-After` as seconds or as an HTTP date.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
-        .ok()
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -460,12 +411,7 @@ enum PostError {
     Send(String),
     /// Worded as `requests`' `raise_for_status()`, which the original logged.
     #[error("{code} {kind} Error: {reason} for url: {url}")]
-    Status {
-        code: u16,
-        kind: &'static str,
-        reason: String,
-        url: String,
-    },
+    Status { code: u16, kind: &'static str, reason: String, url: String },
 }
 
 /// reqwest's top-level message ("error sending request") hides the cause an operator needs
@@ -509,20 +455,14 @@ mod tests {
         let soon = (chrono::Utc::now() + chrono::Duration::seconds(90)).to_rfc2822();
         headers.insert(RETRY_AFTER, HeaderValue::from_str(&soon).unwrap());
         let parsed = retry_after(&headers).unwrap();
-        assert!(
-            parsed > Duration::from_secs(80) && parsed <= Duration::from_secs(90),
-            "{parsed:?}"
-        );
+        assert!(parsed > Duration::from_secs(80) && parsed <= Duration::from_secs(90), "{parsed:?}");
         headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers), None);
     }
 
     #[test]
     fn passwords_in_urls_are_masked() {
-        assert_eq!(
-            redacted_str("http://u:secret@h/p?q=1"),
-            "http://u:***@h/p?q=1"
-        );
+        assert_eq!(redacted_str("http://u:secret@h/p?q=1"), "http://u:***@h/p?q=1");
         assert_eq!(redacted_str("http://h/p"), "http://h/p");
     }
 }

@@ -113,14 +113,7 @@ impl Processor {
         acks: AsyncClient,
         shutdown: CancellationToken,
     ) -> Processor {
-        Processor {
-            flows,
-            pool,
-            batch,
-            outbox,
-            acks,
-            shutdown,
-        }
+        Processor { flows, pool, batch, outbox, acks, shutdown }
     }
 
     /// Runs until the session closes the channel (at shutdown) and what it holds is written.
@@ -176,10 +169,7 @@ impl Processor {
             Some(Err(error)) => {
                 // Retrying cannot cure it: find the message(s) it belongs to by writing them
                 // one by one; the others go through.
-                tracing::debug!(
-                    "Batch of {} failed ({error}); writing its messages one by one",
-                    items.len()
-                );
+                tracing::debug!("Batch of {} failed ({error}); writing its messages one by one", items.len());
                 let mut outcomes = Vec::with_capacity(items.len());
                 for i in all {
                     match self.write_retrying(received_at, &items, &[i]).await {
@@ -195,16 +185,11 @@ impl Processor {
         for (i, outcome) in outcomes {
             let item = &items[i];
             match outcome {
-                Outcome::FlowGone => {
-                    report(item, &format!("flow {} no longer exists", item.flow.id))
-                }
+                Outcome::FlowGone => report(item, &format!("flow {} no longer exists", item.flow.id)),
                 Outcome::Written(msg_id) => {
                     tracing::debug!(flow_code = %item.flow.code, msg_id, "Flow {} took message {msg_id}", item.flow.code);
                     match &item.effect {
-                        Effect::Post {
-                            url,
-                            body: Err(error),
-                        } => tracing::error!(
+                        Effect::Post { url, body: Err(error) } => tracing::error!(
                             flow_code = %item.flow.code,
                             "Error posting flow {} to endpoint {}: {error}",
                             item.flow.code,
@@ -237,21 +222,13 @@ impl Processor {
             };
             let shared_topic: Arc<str> = Arc::from(topic);
             for flow in flows.matching(topic) {
-                let effect = flow
-                    .schema
-                    .validate(&payload)
-                    .and_then(|()| match &flow.action {
-                        Action::StoreDb => store_db::attributes(&payload).map(Effect::Store),
-                        Action::PostEndpoint { url } => Ok(Effect::Post {
-                            url: url.to_string(),
-                            body: post_endpoint::body(&payload),
-                        }),
-                    });
-                let item = |effect| Item {
-                    flow: Arc::clone(flow),
-                    topic: Arc::clone(&shared_topic),
-                    effect,
-                };
+                let effect = flow.schema.validate(&payload).and_then(|()| match &flow.action {
+                    Action::StoreDb => store_db::attributes(&payload).map(Effect::Store),
+                    Action::PostEndpoint { url } => {
+                        Ok(Effect::Post { url: url.to_string(), body: post_endpoint::body(&payload) })
+                    }
+                });
+                let item = |effect| Item { flow: Arc::clone(flow), topic: Arc::clone(&shared_topic), effect };
                 match effect {
                     Ok(effect) => items.push(item(effect)),
                     Err(reason) => report(&item(Effect::Store(Vec::new())), &reason),
@@ -282,9 +259,7 @@ impl Processor {
                             which.len()
                         );
                     } else {
-                        tracing::debug!(
-                            "Database still unavailable, retrying in {delay:?}: {error}"
-                        );
+                        tracing::debug!("Database still unavailable, retrying in {delay:?}: {error}");
                     }
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return None,
@@ -293,10 +268,7 @@ impl Processor {
                 }
                 result => {
                     if let (Some(since), Ok(_)) = (failing_since, &result) {
-                        tracing::info!(
-                            "Database is back after {:.1}s",
-                            since.elapsed().as_secs_f64()
-                        );
+                        tracing::info!("Database is back after {:.1}s", since.elapsed().as_secs_f64());
                     }
                     return Some(result);
                 }

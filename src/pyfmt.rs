@@ -32,8 +32,7 @@ pub fn attribute_value(value: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Array(_) | Value::Object(_) => {
             let mut out = String::new();
-            dumps_into(&mut out, value, Ascii::Keep, NonFinite::Allow)
-                .expect("NonFinite::Allow never fails");
+            dumps_into(&mut out, value, Ascii::Keep, NonFinite::Allow).expect("NonFinite::Allow never fails");
             out
         }
     }
@@ -59,21 +58,14 @@ enum NonFinite {
     Refuse,
 }
 
-fn dumps_into(
-    out: &mut String,
-    value: &Value,
-    ascii: Ascii,
-    nf: NonFinite,
-) -> Result<(), RenderError> {
+fn dumps_into(out: &mut String, value: &Value, ascii: Ascii, nf: NonFinite) -> Result<(), RenderError> {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Value::Number(n) => match parse_number(n) {
             PyNumber::Int(digits) => out.push_str(&digits),
             PyNumber::Float(f) if f.is_finite() => out.push_str(&float_repr(f)),
-            PyNumber::Float(_) if nf == NonFinite::Refuse => {
-                return Err(RenderError::NonFiniteFloat)
-            }
+            PyNumber::Float(_) if nf == NonFinite::Refuse => return Err(RenderError::NonFiniteFloat),
             // json.dumps writes the JavaScript spellings, unlike str().
             PyNumber::Float(f) if f.is_nan() => out.push_str("NaN"),
             PyNumber::Float(f) if f > 0.0 => out.push_str("Infinity"),
@@ -176,24 +168,16 @@ pub fn float_repr(f: f64) -> String {
     // digit, so take its length and round correctly to that many digits: the closest decimal of
     // that length lies in the round-trip interval whenever any does.
     let shortest = format!("{:e}", f.abs());
-    let significant = shortest
-        .split_once('e')
-        .map_or(1, |(m, _)| m.replace('.', "").len());
+    let significant = shortest.split_once('e').map_or(1, |(m, _)| m.replace('.', "").len());
     let sci = format!("{:.*e}", significant - 1, f.abs());
-    let (mantissa, exp) = sci
-        .split_once('e')
-        .expect("LowerExp always has an exponent");
+    let (mantissa, exp) = sci.split_once('e').expect("LowerExp always has an exponent");
     let exp: i32 = exp.parse().expect("LowerExp exponent is an integer");
     let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
     let sign = if f.is_sign_negative() { "-" } else { "" };
 
     if !(-4..16).contains(&exp) {
         let (first, rest) = digits.split_at(1);
-        let dot_rest = if rest.is_empty() {
-            String::new()
-        } else {
-            format!(".{rest}")
-        };
+        let dot_rest = if rest.is_empty() { String::new() } else { format!(".{rest}") };
         let exp_sign = if exp < 0 { '-' } else { '+' };
         return format!("{sign}{first}{dot_rest}e{exp_sign}{:02}", exp.abs());
     }
@@ -270,10 +254,7 @@ mod tests {
 
     #[test]
     fn request_body_refuses_infinity_like_requests() {
-        assert_eq!(
-            request_body(&parse(r#"{"x": 1e999}"#)),
-            Err(RenderError::NonFiniteFloat)
-        );
+        assert_eq!(request_body(&parse(r#"{"x": 1e999}"#)), Err(RenderError::NonFiniteFloat));
     }
 
     proptest! {

@@ -30,13 +30,7 @@ impl Reloader {
         client: AsyncClient,
         subscriptions: Subscriptions,
     ) -> Reloader {
-        Reloader {
-            pool,
-            flows,
-            client,
-            subscriptions,
-            reported: HashSet::new(),
-        }
+        Reloader { pool, flows, client, subscriptions, reported: HashSet::new() }
     }
 
     /// Logs the broken rows of a set not yet reported.
@@ -57,12 +51,7 @@ impl Reloader {
     }
 
     /// Runs until shutdown: one reload per interval, and one per SIGHUP.
-    pub async fn run(
-        mut self,
-        interval: Duration,
-        mut hangup: Signal,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(mut self, interval: Duration, mut hangup: Signal, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -84,13 +73,8 @@ impl Reloader {
         // broker was not yet asked for; a removed filter's stragglers simply match no flow.
         let added: Vec<_> = after.difference(&before).cloned().collect();
         for filter in &added {
-            if let Err(error) = self
-                .client
-                .subscribe(
-                    self.subscriptions.broker_filter(filter),
-                    self.subscriptions.qos,
-                )
-                .await
+            if let Err(error) =
+                self.client.subscribe(self.subscriptions.broker_filter(filter), self.subscriptions.qos).await
             {
                 tracing::error!("Cannot subscribe to {filter}: {error}");
             }
@@ -98,11 +82,7 @@ impl Reloader {
         self.flows.send_replace(Arc::new(next));
         let removed: Vec<_> = before.difference(&after).cloned().collect();
         for filter in &removed {
-            if let Err(error) = self
-                .client
-                .unsubscribe(self.subscriptions.broker_filter(filter))
-                .await
-            {
+            if let Err(error) = self.client.unsubscribe(self.subscriptions.broker_filter(filter)).await {
                 tracing::error!("Cannot unsubscribe from {filter}: {error}");
             }
         }
@@ -110,10 +90,7 @@ impl Reloader {
             tracing::info!("Subscribed to {}", mqtt::join(&added.into_iter().collect()));
         }
         if !removed.is_empty() {
-            tracing::info!(
-                "Unsubscribed from {}",
-                mqtt::join(&removed.into_iter().collect())
-            );
+            tracing::info!("Unsubscribed from {}", mqtt::join(&removed.into_iter().collect()));
         }
         Ok(())
     }

@@ -23,11 +23,8 @@ pub fn broker_config(settings: &TlsSettings) -> anyhow::Result<ClientConfig> {
             let certs = CertificateDer::pem_file_iter(path)
                 .with_context(|| format!("cannot read MQTT_CA_FILE {}", path.display()))?;
             for cert in certs {
-                let cert =
-                    cert.with_context(|| format!("invalid certificate in {}", path.display()))?;
-                roots
-                    .add(cert)
-                    .with_context(|| format!("unusable CA certificate in {}", path.display()))?;
+                let cert = cert.with_context(|| format!("invalid certificate in {}", path.display()))?;
+                roots.add(cert).with_context(|| format!("unusable CA certificate in {}", path.display()))?;
             }
             if roots.is_empty() {
                 bail!("MQTT_CA_FILE {} holds no certificate", path.display());
@@ -43,11 +40,10 @@ pub fn broker_config(settings: &TlsSettings) -> anyhow::Result<ClientConfig> {
             }
         }
     }
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_root_certificates(roots);
+    let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots);
     let config = match &settings.client_auth {
         None => builder.with_no_client_auth(),
         Some((cert_path, key_path)) => {
@@ -67,17 +63,25 @@ pub fn broker_config(settings: &TlsSettings) -> anyhow::Result<ClientConfig> {
 /// What an operator should check, for the handshake failures that have a usual cause.
 pub fn explain(error_text: &str) -> Option<&'static str> {
     let hints = [
-        ("UnknownIssuer", "the broker's certificate is not signed by a CA in MQTT_CA_FILE (or the system's roots)"),
+        (
+            "UnknownIssuer",
+            "the broker's certificate is not signed by a CA in MQTT_CA_FILE (or the system's roots)",
+        ),
         ("NotValidForName", "the broker's certificate is not valid for the host name in mqtt_servers.host"),
+        (
+            "not valid for name",
+            "the broker's certificate is not valid for the host name in mqtt_servers.host",
+        ),
         ("Expired", "the broker's certificate has expired (or this machine's clock is wrong)"),
+        ("certificate expired", "the broker's certificate has expired (or this machine's clock is wrong)"),
         ("NotValidYet", "the broker's certificate is not valid yet (or this machine's clock is wrong)"),
-        ("CertificateRequired", "the broker requires a client certificate: set MQTT_CLIENT_CERT and MQTT_CLIENT_KEY"),
+        (
+            "CertificateRequired",
+            "the broker requires a client certificate: set MQTT_CLIENT_CERT and MQTT_CLIENT_KEY",
+        ),
         ("UnknownCA", "the broker does not trust the client certificate (MQTT_CLIENT_CERT)"),
         ("corrupt message", "the broker did not answer with TLS: is this port a TLS listener?"),
         ("InvalidContentType", "the broker did not answer with TLS: is this port a TLS listener?"),
     ];
-    hints
-        .iter()
-        .find(|(needle, _)| error_text.contains(needle))
-        .map(|(_, hint)| *hint)
+    hints.iter().find(|(needle, _)| error_text.contains(needle)).map(|(_, hint)| *hint)
 }

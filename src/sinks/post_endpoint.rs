@@ -25,10 +25,7 @@ pub struct OutboxRow<'a> {
 }
 
 /// Queues requests, due at once.
-pub async fn enqueue(
-    tx: &mut Transaction<'_, MySql>,
-    rows: &[OutboxRow<'_>],
-) -> Result<(), sqlx::Error> {
+pub async fn enqueue(tx: &mut Transaction<'_, MySql>, rows: &[OutboxRow<'_>]) -> Result<(), sqlx::Error> {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut insert: QueryBuilder<MySql> = QueryBuilder::new(
             "INSERT INTO gateway_outbox (flow_id, flow_code, endpoint_url, body, msg_id, created_at, \

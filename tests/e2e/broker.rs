@@ -12,10 +12,7 @@ async fn a_refused_connection_logs_the_reason_code_and_retries() {
     let line = "| ERROR | mqtt_gateway | MQTT connection failed with reason code: 5";
     wait_log(&gateway, line).await;
     eventually("a second attempt", || gateway.count(line) >= 2).await;
-    assert!(
-        gateway.is_running(),
-        "a refused connection is retried, not fatal"
-    );
+    assert!(gateway.is_running(), "a refused connection is retried, not fatal");
 }
 
 #[tokio::test]
@@ -35,10 +32,7 @@ async fn after_a_broker_restart_the_gateway_reconnects_and_resubscribes() {
     wait_log(&gateway, "Lost connection to MQTT broker").await;
     broker.restart().unwrap();
     wait_log(&gateway, "Reconnected to MQTT broker").await;
-    eventually("resubscribed", || {
-        gateway.count(&format!("Subscribed to {topic}")) >= 2
-    })
-    .await;
+    eventually("resubscribed", || gateway.count(&format!("Subscribed to {topic}")) >= 2).await;
     publish_to(broker.port, &topic, &[br#"{"v": 2}"#]).await;
     env.wait_counter("F", 2).await;
 }

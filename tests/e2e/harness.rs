@@ -35,36 +35,38 @@ pub struct TestEnv {
     pub name: String,
     pub vars: Vec<(String, String)>,
     pub pool: MySqlPool,
+    /// The database lives on the shared server, which outlives the test: drop it at the end.
+    on_shared_server: bool,
 }
 
 impl TestEnv {
     /// A fresh, empty database (no tables yet), and the environment pointing at it.
     pub async fn empty() -> TestEnv {
+        TestEnv::empty_on(&shared().db, true).await
+    }
+
+    /// A database with the gateway's tables on a server of the test's own.
+    pub async fn on(server: &MariaDb) -> TestEnv {
+        let env = TestEnv::empty_on(server, false).await;
+        db::migrate(&env.pool).await.expect("migrate the test database");
+        env
+    }
+
+    async fn empty_on(server: &MariaDb, on_shared_server: bool) -> TestEnv {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let shared = shared();
-        let name = format!(
-            "t{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        shared
-            .db
-            .create_database(&name, DB_USER, DB_PASSWORD)
-            .expect("create the test database");
+        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        server.create_database(&name, DB_USER, DB_PASSWORD).expect("create the test database");
         let options = MySqlConnectOptions::new()
             .host("127.0.0.1")
-            .port(shared.db.port)
+            .port(server.port)
             .username(DB_USER)
             .password(DB_PASSWORD)
             .database(&name);
-        let pool = MySqlPoolOptions::new()
-            .max_connections(3)
-            .connect_with(options)
-            .await
-            .expect("connect");
+        let pool = MySqlPoolOptions::new().max_connections(3).connect_with(options).await.expect("connect");
         let vars = [
             ("DB_HOST", "127.0.0.1".to_owned()),
-            ("DB_PORT", shared.db.port.to_string()),
+            ("DB_PORT", server.port.to_string()),
             ("DB_NAME", name.clone()),
             ("DB_USER", DB_USER.to_owned()),
             ("DB_PASSWORD", DB_PASSWORD.to_owned()),
@@ -77,15 +79,13 @@ impl TestEnv {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        TestEnv { name, vars, pool }
+        TestEnv { name, vars, pool, on_shared_server }
     }
 
     /// A database with the gateway's tables, as its migrations create them.
     pub async fn new() -> TestEnv {
         let env = TestEnv::empty().await;
-        db::migrate(&env.pool)
-            .await
-            .expect("migrate the test database");
+        db::migrate(&env.pool).await.expect("migrate the test database");
         env
     }
 
@@ -104,11 +104,8 @@ impl TestEnv {
     }
 
     pub fn spawn(&self) -> Gateway {
-        Gateway::spawn(
-            std::path::Path::new(env!("CARGO_BIN_EXE_mqtt-gateway")),
-            &self.vars,
-        )
-        .expect("spawn the gateway")
+        Gateway::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_mqtt-gateway")), &self.vars)
+            .expect("spawn the gateway")
     }
 
     /// Starts the gateway and waits until it is subscribed.
@@ -144,10 +141,7 @@ impl TestEnv {
     }
 
     pub async fn exec(&self, sql: &str) {
-        sqlx::query(sql)
-            .execute(&self.pool)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        sqlx::query(sql).execute(&self.pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     pub async fn counter(&self, code: &str) -> i32 {
@@ -160,14 +154,41 @@ impl TestEnv {
 
     /// `(attribute_name, attribute_value, last_msg_id)` of a flow's rows, in insertion order.
     pub async fn rows(&self, code: &str) -> Vec<(String, String, i32)> {
-        sqlx::query("SELECT attribute_name, attribute_value, last_msg_id FROM data WHERE flow_code = ? ORDER BY id")
-            .bind(code)
-            .fetch_all(&self.pool)
-            .await
-            .expect("read data")
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect()
+        sqlx::query(
+            "SELECT attribute_name, attribute_value, last_msg_id FROM data WHERE flow_code = ? ORDER BY id",
+        )
+        .bind(code)
+        .fetch_all(&self.pool)
+        .await
+        .expect("read data")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    }
+
+    /// How many rows of a flow hold each distinct value of attribute `i`: `(distinct, total)`.
+    pub async fn distinct_i(&self, code: &str) -> (i64, i64) {
+        let row = sqlx::query(
+            "SELECT COUNT(DISTINCT attribute_value), COUNT(*) FROM data WHERE flow_code = ? AND attribute_name = 'i'",
+        )
+        .bind(code)
+        .fetch_one(&self.pool)
+        .await
+        .expect("count data");
+        (row.get(0), row.get(1))
+    }
+
+    /// Waits until `n` distinct messages (attribute `i`) of a flow are stored.
+    pub async fn wait_distinct(&self, code: &str, n: i64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (distinct, _) = self.distinct_i(code).await;
+            if distinct >= n {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{code}: {distinct} of {n} messages stored");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until the flow's counter reaches `n`, and fails the test otherwise.
@@ -186,9 +207,10 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let _ = shared()
-            .db
-            .sql(&format!("DROP DATABASE IF EXISTS `{}`", self.name));
+        if !self.on_shared_server {
+            return;
+        }
+        let _ = shared().db.sql(&format!("DROP DATABASE IF EXISTS `{}`", self.name));
     }
 }
 
@@ -210,10 +232,7 @@ pub async fn wait_log(gateway: &Gateway, needle: &str) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!(
-        "no log line with {needle:?}; the gateway logged:\n{}",
-        gateway.logs()
-    );
+    panic!("no log line with {needle:?}; the gateway logged:\n{}", gateway.logs());
 }
 
 /// Publishes each payload with QoS 1 to the shared broker and waits for the broker's acks.
@@ -224,12 +243,34 @@ pub async fn publish(topic: &str, payloads: &[&[u8]]) {
 pub async fn publish_to(port: u16, topic: &str, payloads: &[&[u8]]) {
     let mut publisher = Publisher::connect(port).await.expect("publisher");
     for payload in payloads {
-        publisher
-            .publish(topic, payload.to_vec())
-            .await
-            .expect("publish");
+        publisher.publish(topic, payload.to_vec()).await.expect("publish");
     }
     publisher.flush(WAIT).await.expect("broker acks");
+}
+
+/// Publishes `{"i": first}` .. `{"i": last}` (plus `extra` fields) with QoS 1, waiting for the
+/// broker to take them all.
+pub async fn publish_numbered(
+    port: u16,
+    topic: String,
+    numbers: std::ops::RangeInclusive<u32>,
+    extra: &'static str,
+) {
+    let mut publisher = Publisher::connect(port).await.expect("publisher");
+    for i in numbers {
+        publisher.publish(&topic, format!(r#"{{"i": {i}{extra}}}"#)).await.expect("publish");
+    }
+    publisher.flush(Duration::from_secs(120)).await.expect("broker acks");
+}
+
+/// The resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Waits for the gateway to exit and returns its status code.

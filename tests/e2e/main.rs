@@ -8,9 +8,11 @@ mod harness;
 
 mod bad_input;
 mod broker;
+mod delivery;
 mod logs;
 mod post_endpoint;
 mod reload;
 mod shutdown;
 mod startup;
 mod store_db;
+mod tls;

@@ -14,8 +14,7 @@ async fn reload_subscribes_new_and_unsubscribes_removed_topics() {
     env.wait_counter("OLD", 1).await;
 
     env.add_flow("NEW", &new, "STORE_DB", "{}", None).await;
-    env.exec("UPDATE flows SET enabled = FALSE WHERE code = 'OLD'")
-        .await;
+    env.exec("UPDATE flows SET enabled = FALSE WHERE code = 'OLD'").await;
     wait_log(&gateway, &format!("Subscribed to {new}")).await;
     wait_log(&gateway, &format!("Unsubscribed from {old}")).await;
 
@@ -41,14 +40,12 @@ async fn sighup_reloads_at_once() {
 async fn a_changed_flow_takes_effect_on_reload() {
     let env = TestEnv::new().await;
     let topic = env.topic("t");
-    env.add_flow("F", &topic, "STORE_DB", r#"{"a": "int"}"#, None)
-        .await;
+    env.add_flow("F", &topic, "STORE_DB", r#"{"a": "int"}"#, None).await;
     let gateway = env.start().await;
     publish(&topic, &[br#"{"b": 1}"#]).await;
     wait_log(&gateway, "missing required field 'a'").await;
 
-    env.exec(r#"UPDATE flows SET payload_schema = '{"b": "int"}' WHERE code = 'F'"#)
-        .await;
+    env.exec(r#"UPDATE flows SET payload_schema = '{"b": "int"}' WHERE code = 'F'"#).await;
     gateway.signal(libc::SIGHUP);
     wait_log(&gateway, "SIGHUP received").await;
     // The reload is done once its flows are used: retry until the new schema applies.
@@ -69,11 +66,9 @@ async fn a_failed_reload_is_logged_and_the_old_flows_keep_working() {
     let topic = env.topic("t");
     env.add_flow("F", &topic, "STORE_DB", "{}", None).await;
     let gateway = env.start().await;
-    env.exec("ALTER TABLE flows RENAME COLUMN topic TO topic_gone")
-        .await;
+    env.exec("ALTER TABLE flows RENAME COLUMN topic TO topic_gone").await;
     wait_log(&gateway, "| ERROR | mqtt_gateway | Error reloading flows: ").await;
     publish(&topic, &[br#"{"v": 1}"#]).await;
     env.wait_counter("F", 1).await;
-    env.exec("ALTER TABLE flows RENAME COLUMN topic_gone TO topic")
-        .await;
+    env.exec("ALTER TABLE flows RENAME COLUMN topic_gone TO topic").await;
 }

@@ -30,7 +30,11 @@ async fn a_stop_signal_writes_the_messages_in_hand_and_exits_zero(#[case] signal
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    assert_eq!(sent as i64 + queued, 5, "every request was either sent or kept: sent {sent}, queued {queued}");
+    assert_eq!(
+        sent as i64 + queued,
+        5,
+        "every request was either sent or kept: sent {sent}, queued {queued}"
+    );
 
     let _gateway = env.start().await;
     eventually("the queued POSTs after restart", || shared().echo.requests(&path).len() >= 5).await;

@@ -16,9 +16,7 @@ async fn a_missing_variable_is_fatal_and_named(#[case] variable: &str, #[case] m
     let mut gateway = env.spawn();
     assert_eq!(exit_code(&mut gateway).await, 1);
     assert!(
-        gateway.logs().contains(&format!(
-            "| ERROR | mqtt_gateway | Fatal error during startup: {message}"
-        )),
+        gateway.logs().contains(&format!("| ERROR | mqtt_gateway | Fatal error during startup: {message}")),
         "{}",
         gateway.logs()
     );
@@ -31,9 +29,7 @@ async fn a_malformed_variable_is_fatal_and_named() {
     let mut gateway = env.spawn();
     assert_eq!(exit_code(&mut gateway).await, 1);
     assert!(
-        gateway
-            .logs()
-            .contains("Fatal error during startup: invalid environment variable MQTT_KEEPALIVE"),
+        gateway.logs().contains("Fatal error during startup: invalid environment variable MQTT_KEEPALIVE"),
         "{}",
         gateway.logs()
     );
@@ -53,13 +49,7 @@ async fn a_fresh_database_gets_the_tables_and_the_default_broker() {
     .await
     .unwrap()
     .iter()
-    .map(|r| {
-        (
-            r.get::<String, _>(0),
-            r.get::<String, _>(1),
-            r.get::<String, _>(2),
-        )
-    })
+    .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1), r.get::<String, _>(2)))
     .collect();
     let names: Vec<String> = columns.iter().map(|(t, c, _)| format!("{t}.{c}")).collect();
     assert_eq!(
@@ -90,23 +80,12 @@ async fn a_fresh_database_gets_the_tables_and_the_default_broker() {
         ]
     );
     let types: Vec<&str> = columns.iter().map(|(_, _, ty)| ty.as_str()).collect();
-    assert_eq!(
-        &types[..6],
-        [
-            "int(11)",
-            "datetime",
-            "varchar(100)",
-            "varchar(255)",
-            "text",
-            "int(11)"
-        ]
-    );
+    assert_eq!(&types[..6], ["int(11)", "datetime", "varchar(100)", "varchar(255)", "text", "int(11)"]);
 
-    let broker =
-        sqlx::query("SELECT host, port, username, password, enabled, is_default FROM mqtt_servers")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
+    let broker = sqlx::query("SELECT host, port, username, password, enabled, is_default FROM mqtt_servers")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(broker.len(), 1);
     assert_eq!(broker[0].get::<String, _>(0), "127.0.0.1");
     assert_eq!(broker[0].get::<i32, _>(1), i32::from(shared().broker.port));
@@ -127,15 +106,9 @@ CREATE TABLE data (id INTEGER NOT NULL AUTO_INCREMENT, received_at DATETIME NOT 
 
 /// The table's definition, without the AUTO_INCREMENT counter that inserting rows moves.
 async fn show_create(env: &TestEnv, table: &str) -> String {
-    let ddl: String = sqlx::query(&format!("SHOW CREATE TABLE {table}"))
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
-        .get(1);
-    ddl.split(' ')
-        .filter(|word| !word.starts_with("AUTO_INCREMENT="))
-        .collect::<Vec<_>>()
-        .join(" ")
+    let ddl: String =
+        sqlx::query(&format!("SHOW CREATE TABLE {table}")).fetch_one(&env.pool).await.unwrap().get(1);
+    ddl.split(' ').filter(|word| !word.starts_with("AUTO_INCREMENT=")).collect::<Vec<_>>().join(" ")
 }
 
 #[tokio::test]
@@ -159,19 +132,12 @@ async fn a_database_created_by_the_python_service_is_adopted_unchanged() {
     .await;
 
     let _gateway = env.start().await;
-    publish(
-        &env.topic("sensors/aht10"),
-        &[br#"{"temperature": 21.5, "humidity": 40}"#],
-    )
-    .await;
+    publish(&env.topic("sensors/aht10"), &[br#"{"temperature": 21.5, "humidity": 40}"#]).await;
     env.wait_counter("AHT10_SENSOR", 1).await;
 
     assert_eq!(
         env.rows("AHT10_SENSOR").await,
-        [
-            ("temperature".into(), "21.5".into(), 1),
-            ("humidity".into(), "40".into(), 1)
-        ]
+        [("temperature".into(), "21.5".into(), 1), ("humidity".into(), "40".into(), 1)]
     );
     let after = [
         show_create(&env, "mqtt_servers").await,
@@ -179,14 +145,9 @@ async fn a_database_created_by_the_python_service_is_adopted_unchanged() {
         show_create(&env, "data").await,
     ];
     assert_eq!(before, after, "the Python service's tables must not change");
-    let seeded: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mqtt_servers")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        seeded, 1,
-        "the default broker row was seeded with every column given"
-    );
+    let seeded: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM mqtt_servers").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(seeded, 1, "the default broker row was seeded with every column given");
 }
 
 #[tokio::test]
@@ -216,11 +177,7 @@ async fn the_broker_is_the_first_enabled_row_defaults_first() {
     ))
     .await;
     let gateway = env.start().await;
-    assert!(
-        gateway.logs().contains(&format!("broker 127.0.0.1:{real}")),
-        "{}",
-        gateway.logs()
-    );
+    assert!(gateway.logs().contains(&format!("broker 127.0.0.1:{real}")), "{}", gateway.logs());
 }
 
 #[tokio::test]
@@ -230,9 +187,7 @@ async fn an_unreachable_broker_is_fatal() {
     let mut gateway = env.spawn();
     assert_eq!(exit_code(&mut gateway).await, 1);
     assert!(
-        gateway
-            .logs()
-            .contains("Fatal error during startup: cannot connect to MQTT broker"),
+        gateway.logs().contains("Fatal error during startup: cannot connect to MQTT broker"),
         "{}",
         gateway.logs()
     );
@@ -279,9 +234,6 @@ async fn a_wrong_password_is_fatal_and_never_logged() {
     let mut gateway = env.spawn();
     assert_eq!(exit_code(&mut gateway).await, 1);
     let logs = gateway.logs();
-    assert!(
-        logs.contains("Fatal error during startup: cannot connect to database"),
-        "{logs}"
-    );
+    assert!(logs.contains("Fatal error during startup: cannot connect to database"), "{logs}");
     assert!(!logs.contains(wrong) && !logs.contains("S3cret"), "{logs}");
 }

@@ -7,14 +7,7 @@ use sqlx::Row;
 async fn store_db_writes_one_row_per_key_with_python_values() {
     let env = TestEnv::new().await;
     let topic = env.topic("sensors/aht10");
-    env.add_flow(
-        "AHT10",
-        &topic,
-        "STORE_DB",
-        r#"{"temperature": "float", "humidity": "float"}"#,
-        None,
-    )
-    .await;
+    env.add_flow("AHT10", &topic, "STORE_DB", r#"{"temperature": "float", "humidity": "float"}"#, None).await;
     let _gateway = env.start().await;
 
     publish(
@@ -30,11 +23,8 @@ async fn store_db_writes_one_row_per_key_with_python_values() {
     env.wait_counter("AHT10", 2).await;
 
     let rows = env.rows("AHT10").await;
-    let first: Vec<(&str, &str, i32)> = rows
-        .iter()
-        .take(10)
-        .map(|(n, v, id)| (n.as_str(), v.as_str(), *id))
-        .collect();
+    let first: Vec<(&str, &str, i32)> =
+        rows.iter().take(10).map(|(n, v, id)| (n.as_str(), v.as_str(), *id)).collect();
     assert_eq!(
         first,
         [
@@ -50,13 +40,7 @@ async fn store_db_writes_one_row_per_key_with_python_values() {
             ("e", "x\"y", 1),
         ]
     );
-    assert_eq!(
-        rows[10..],
-        [
-            ("temperature".into(), "1".into(), 2),
-            ("humidity".into(), "False".into(), 2)
-        ]
-    );
+    assert_eq!(rows[10..], [("temperature".into(), "1".into(), 2), ("humidity".into(), "False".into(), 2)]);
 }
 
 #[tokio::test]
@@ -91,50 +75,29 @@ async fn a_validation_failure_writes_nothing_for_that_flow_only() {
             None,
         )
         .await;
-    env.add_flow("LOOSE", &env.topic("sensors/+"), "STORE_DB", "{}", None)
-        .await;
+    env.add_flow("LOOSE", &env.topic("sensors/+"), "STORE_DB", "{}", None).await;
     let gateway = env.start().await;
 
-    publish(
-        &topic,
-        &[
-            br#"{"temperature": "hot"}"#,
-            br#"{"humidity": 3}"#,
-            br#"{"temperature": 20}"#,
-        ],
-    )
-    .await;
+    publish(&topic, &[br#"{"temperature": "hot"}"#, br#"{"humidity": 3}"#, br#"{"temperature": 20}"#]).await;
     env.wait_counter("LOOSE", 3).await;
     env.wait_counter("STRICT", 1).await;
 
-    assert_eq!(
-        env.rows("STRICT").await,
-        [("temperature".into(), "20".into(), 1)]
-    );
+    assert_eq!(env.rows("STRICT").await, [("temperature".into(), "20".into(), 1)]);
     assert_eq!(env.rows("LOOSE").await.len(), 3);
-    let line =
-        format!("| ERROR | mqtt_gateway | Error processing topic {topic} (flow_id={strict}): ");
+    let line = format!("| ERROR | mqtt_gateway | Error processing topic {topic} (flow_id={strict}): ");
     wait_log(&gateway, &line).await;
     assert_eq!(gateway.count(&line), 2, "{}", gateway.logs());
-    assert!(gateway
-        .logs()
-        .contains("field 'temperature' must be of type number, got string"));
-    assert!(gateway
-        .logs()
-        .contains("missing required field 'temperature'"));
+    assert!(gateway.logs().contains("field 'temperature' must be of type number, got string"));
+    assert!(gateway.logs().contains("missing required field 'temperature'"));
 }
 
 #[tokio::test]
 async fn every_matching_flow_processes_the_message() {
     let env = TestEnv::new().await;
-    env.add_flow("EXACT", &env.topic("a/b/c"), "STORE_DB", "{}", None)
-        .await;
-    env.add_flow("PLUS", &env.topic("a/+/c"), "STORE_DB", "{}", None)
-        .await;
-    env.add_flow("HASH", &env.topic("a/#"), "STORE_DB", "{}", None)
-        .await;
-    env.add_flow("OTHER", &env.topic("z/#"), "STORE_DB", "{}", None)
-        .await;
+    env.add_flow("EXACT", &env.topic("a/b/c"), "STORE_DB", "{}", None).await;
+    env.add_flow("PLUS", &env.topic("a/+/c"), "STORE_DB", "{}", None).await;
+    env.add_flow("HASH", &env.topic("a/#"), "STORE_DB", "{}", None).await;
+    env.add_flow("OTHER", &env.topic("z/#"), "STORE_DB", "{}", None).await;
     let _gateway = env.start().await;
     publish(&env.topic("a/b/c"), &[br#"{"v": 1}"#]).await;
     publish(&env.topic("a/x"), &[br#"{"v": 2}"#]).await;
@@ -154,9 +117,10 @@ async fn a_value_too_long_for_text_fails_only_its_message() {
     let long = format!(r#"{{"blob": "{}"}}"#, "x".repeat(70_000));
     publish(&topic, &[br#"{"n": 1}"#, long.as_bytes(), br#"{"n": 3}"#]).await;
     env.wait_counter("F", 2).await;
-    wait_log(&gateway, &format!("Error processing topic {topic} (flow_id={flow}): value of attribute 'blob' is 70000 bytes")).await;
-    assert_eq!(
-        env.rows("F").await,
-        [("n".into(), "1".into(), 1), ("n".into(), "3".into(), 2)]
-    );
+    wait_log(
+        &gateway,
+        &format!("Error processing topic {topic} (flow_id={flow}): value of attribute 'blob' is 70000 bytes"),
+    )
+    .await;
+    assert_eq!(env.rows("F").await, [("n".into(), "1".into(), 1), ("n".into(), "3".into(), 2)]);
 }

@@ -9,10 +9,7 @@ use std::time::Instant;
 /// The workspace root, whatever directory cargo was called from.
 pub fn root() -> PathBuf {
     let xtask_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    xtask_dir
-        .parent()
-        .expect("xtask lives in the workspace root")
-        .to_owned()
+    xtask_dir.parent().expect("xtask lives in the workspace root").to_owned()
 }
 
 /// Runs `cargo <args>` in the workspace root and fails with the step's name.
@@ -33,17 +30,7 @@ pub fn cargo(step: &str, args: &[&str]) -> anyhow::Result<()> {
 
 pub fn ci() -> anyhow::Result<()> {
     cargo("format", &["fmt", "--all", "--", "--check"])?;
-    cargo(
-        "clippy",
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
+    cargo("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
     e2e()
 }

@@ -20,11 +20,8 @@ fn installed(program: &str) -> bool {
 
 /// Fails with the exact install command when a program is missing.
 pub fn require_installed() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = PROGRAMS
-        .iter()
-        .filter(|(p, _)| !installed(p))
-        .map(|(_, pkg)| *pkg)
-        .collect();
+    let mut missing: Vec<&str> =
+        PROGRAMS.iter().filter(|(p, _)| !installed(p)).map(|(_, pkg)| *pkg).collect();
     missing.dedup();
     if !missing.is_empty() {
         bail!(

@@ -19,11 +19,7 @@ pub fn service_dir(kind: &str) -> std::io::Result<PathBuf> {
         // SAFETY: registers a plain extern "C" function with no captured state.
         unsafe { libc::atexit(stop_all_at_exit) };
     });
-    let dir = std::env::temp_dir().join(format!(
-        "{DIR_PREFIX}{kind}-{}-{}",
-        std::process::id(),
-        unique()
-    ));
+    let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{kind}-{}-{}", std::process::id(), unique()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())?;
     Ok(dir)
@@ -38,18 +34,12 @@ fn unique() -> u64 {
 /// Remembers a running service so that process exit stops it.
 pub fn register(pid: u32, dir: &Path) {
     let _ = std::fs::write(dir.join(SERVICE_FILE), pid.to_string());
-    REGISTERED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push((pid, dir.to_owned()));
+    REGISTERED.lock().unwrap_or_else(|p| p.into_inner()).push((pid, dir.to_owned()));
 }
 
 /// Forgets a service its owner has stopped and reaped, and removes its directory if given.
 pub fn release(pid: u32, dir: Option<&Path>) {
-    REGISTERED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|(p, _)| *p != pid);
+    REGISTERED.lock().unwrap_or_else(|p| p.into_inner()).retain(|(p, _)| *p != pid);
     if let Some(dir) = dir {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -86,11 +76,8 @@ fn sweep_stale() {
         if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
             continue;
         }
-        let read_pid = |name| {
-            std::fs::read_to_string(dir.join(name))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-        };
+        let read_pid =
+            |name| std::fs::read_to_string(dir.join(name)).ok().and_then(|s| s.trim().parse::<i32>().ok());
         if read_pid(OWNER_FILE).is_some_and(alive) {
             continue;
         }

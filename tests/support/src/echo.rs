@@ -1,9 +1,14 @@
 //! An HTTP echo server that records every request. The path chooses the answer:
-//! `/status/503` answers 503, `/sleep/2000` answers 200 after two seconds, anything else 200.
+//! - `/status/503/...` answers 503;
+//! - `/sleep/2000/...` answers 200 after two seconds;
+//! - `/flaky/3/...` answers 500 to the first three requests on that exact path, then 200;
+//! - `/busy/2/1/...` answers 429 with `Retry-After: 1` to the first two, then 200;
+//! - anything else 200.
 
 use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -20,10 +25,7 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
     pub fn body_text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -40,38 +42,35 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start() -> anyhow::Result<EchoServer> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        EchoServer::start_on(0)
+    }
+
+    /// On a given port (0 for any), for an endpoint that comes back where it was.
+    pub fn start_on(port: u16) -> anyhow::Result<EchoServer> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = oneshot::channel::<()>();
         let recorder = Arc::clone(&requests);
-        let thread = std::thread::Builder::new()
-            .name("echo-server".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("echo server runtime");
-                runtime.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(listener).expect("echo listener");
-                    let app = axum::Router::new()
-                        .fallback(move |req: Request| answer(Arc::clone(&recorder), req));
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stopped.await;
-                        })
-                        .await;
-                });
-            })?;
-        Ok(EchoServer {
-            port,
-            requests,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name("echo-server".into()).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("echo server runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("echo listener");
+                let app =
+                    axum::Router::new().fallback(move |req: Request| answer(Arc::clone(&recorder), req));
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        })?;
+        Ok(EchoServer { port, requests, stop: Some(stop), thread: Some(thread) })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -81,10 +80,7 @@ impl EchoServer {
     /// Requests received so far on paths starting with `prefix`.
     pub fn requests(&self, prefix: &str) -> Vec<Recorded> {
         let all = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        all.iter()
-            .filter(|r| r.path.starts_with(prefix))
-            .cloned()
-            .collect()
+        all.iter().filter(|r| r.path.starts_with(prefix)).cloned().collect()
     }
 }
 
@@ -99,44 +95,44 @@ impl Drop for EchoServer {
     }
 }
 
-async fn answer(requests: Arc<Mutex<Vec<Recorded>>>, req: Request) -> (StatusCode, &'static str) {
+async fn answer(requests: Arc<Mutex<Vec<Recorded>>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body: Bytes = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .unwrap_or_default();
+    let body: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
     let path = parts.uri.path().to_owned();
-    requests
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(Recorded {
-            method: parts.method.to_string(),
-            path: path.clone(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            body: body.to_vec(),
-            at: Instant::now(),
-        });
+    requests.lock().unwrap_or_else(|p| p.into_inner()).push(Recorded {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body: body.to_vec(),
+        at: Instant::now(),
+    });
+    let seen_before = {
+        let all = requests.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().filter(|r| r.path == path).count() as u64 - 1
+    };
     let mut segments = path.trim_start_matches('/').split('/');
-    match (
-        segments.next(),
-        segments.next().and_then(|s| s.parse::<u64>().ok()),
-    ) {
-        (Some("status"), Some(code)) => (
-            StatusCode::from_u16(code as u16).unwrap_or(StatusCode::IM_A_TEAPOT),
-            "status",
-        ),
+    let kind = segments.next();
+    let number = segments.next().and_then(|s| s.parse::<u64>().ok());
+    match (kind, number) {
+        (Some("status"), Some(code)) => {
+            let status = StatusCode::from_u16(code as u16).unwrap_or(StatusCode::IM_A_TEAPOT);
+            (status, "status").into_response()
+        }
         (Some("sleep"), Some(ms)) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            (StatusCode::OK, "slept")
+            (StatusCode::OK, "slept").into_response()
         }
-        _ => (StatusCode::OK, "ok"),
+        (Some("flaky"), Some(failures)) if seen_before < failures => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "flaky").into_response()
+        }
+        (Some("busy"), Some(failures)) if seen_before < failures => {
+            let wait = segments.next().unwrap_or("1").to_owned();
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", wait)], "busy").into_response()
+        }
+        _ => (StatusCode::OK, "ok").into_response(),
     }
 }

@@ -46,20 +46,12 @@ impl Gateway {
 
     /// Everything logged so far, one line each.
     pub fn logs(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .join("\n")
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
     }
 
     /// How many log lines contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.contains(needle)).count()
     }
 
     /// Waits until a log line contains `needle`; false after `limit`.

@@ -66,7 +66,5 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
 
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.
 fn wait_for_port(port: u16, limit: Duration) -> bool {
-    wait_until(limit, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
+    wait_until(limit, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
 }

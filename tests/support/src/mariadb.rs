@@ -11,7 +11,9 @@ pub struct MariaDb {
     pub port: u16,
     pub socket: PathBuf,
     dir: PathBuf,
-    child: Child,
+    server: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
 }
 
 /// How the server treats commits.
@@ -41,82 +43,81 @@ impl MariaDb {
             .status()
             .with_context(|| format!("cannot run {}", install.display()))?;
         if !status.success() {
-            bail!(
-                "mariadb-install-db failed ({status}); see {}",
-                dir.join("install.log").display()
-            );
+            bail!("mariadb-install-db failed ({status}); see {}", dir.join("install.log").display());
         }
         let port = crate::free_port();
         let socket = dir.join("mariadbd.sock");
-        let flush = if durability == Durability::Full {
-            "1"
-        } else {
-            "2"
-        };
-        let child = Command::new(&server)
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
-            .arg(format!("--log-error={}", dir.join("error.log").display()))
-            .arg(format!("--port={port}"))
-            .args([
-                "--bind-address=127.0.0.1",
-                "--skip-name-resolve",
-                "--innodb-log-file-size=16M",
-            ])
-            .args(["--innodb-buffer-pool-size=128M", "--max-connections=500"])
-            .arg(format!("--innodb-flush-log-at-trx-commit={flush}"))
-            .args(user_arg())
+        let flush = if durability == Durability::Full { "1" } else { "2" };
+        let mut args = vec![
+            "--no-defaults".to_owned(),
+            format!("--datadir={}", data.display()),
+            format!("--socket={}", socket.display()),
+            format!("--pid-file={}", dir.join("mariadbd.pid").display()),
+            format!("--log-error={}", dir.join("error.log").display()),
+            format!("--port={port}"),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--skip-name-resolve".to_owned(),
+            "--innodb-log-file-size=16M".to_owned(),
+            "--innodb-buffer-pool-size=128M".to_owned(),
+            "--max-connections=500".to_owned(),
+            format!("--innodb-flush-log-at-trx-commit={flush}"),
+        ];
+        args.extend(user_arg());
+        let mut db = MariaDb { port, socket, dir, server, args, child: None };
+        db.start_server()?;
+        Ok(db)
+    }
+
+    fn start_server(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(&self.server)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("cannot start {}", server.display()))?;
-        cleanup::register(child.id(), &dir);
-        let mut db = MariaDb {
-            port,
-            socket,
-            dir,
-            child,
-        };
-        db.wait_ready()?;
-        Ok(db)
-    }
-
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
+            .with_context(|| format!("cannot start {}", self.server.display()))?;
+        cleanup::register(child.id(), &self.dir);
+        let child = self.child.insert(child);
+        let port = self.port;
         let ready = crate::wait_until(Duration::from_secs(60), || {
-            crate::wait_for_port(self.port, Duration::ZERO)
-                || matches!(self.child.try_wait(), Ok(Some(_)))
+            crate::wait_for_port(port, Duration::ZERO) || matches!(child.try_wait(), Ok(Some(_)))
         });
-        if let Ok(Some(status)) = self.child.try_wait() {
-            bail!(
-                "mariadbd exited ({status}); see {}",
-                self.dir.join("error.log").display()
-            );
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("mariadbd exited ({status}); see {}", self.dir.join("error.log").display());
         }
         if !ready {
-            bail!("mariadbd did not listen on port {} within 60 s", self.port);
+            bail!("mariadbd did not listen on port {port} within 60 s");
         }
         Ok(())
+    }
+
+    /// Shuts the server down cleanly (SIGTERM), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            cleanup::release(child.id(), None);
+        }
+    }
+
+    /// Starts the server again on the same port and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.start_server()
     }
 
     /// Runs SQL as root with the `mariadb` command-line client.
     pub fn sql(&self, statements: &str) -> anyhow::Result<String> {
         let client = crate::find_program("mariadb")
             .or_else(|| crate::find_program("mysql"))
-            .context(
-                "the mariadb client is not installed (Debian: apt-get install -y mariadb-client)",
-            )?;
+            .context("the mariadb client is not installed (Debian: apt-get install -y mariadb-client)")?;
         let out = Command::new(client)
             .arg(format!("--socket={}", self.socket.display()))
             .args(["-uroot", "--batch", "--skip-column-names", "-e", statements])
             .output()?;
         if !out.status.success() {
-            bail!(
-                "SQL failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("SQL failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -136,21 +137,16 @@ impl MariaDb {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-
-    /// Sends SIGSTOP/SIGCONT: the server stops answering without closing connections, as a
-    /// hung or overloaded database would.
-    pub fn pause(&self, paused: bool) {
-        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-    }
 }
 
 impl Drop for MariaDb {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        cleanup::release(self.child.id(), Some(&self.dir));
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            cleanup::release(child.id(), None);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

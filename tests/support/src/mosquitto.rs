@@ -17,7 +17,9 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// A broker that accepts anyone and keeps sessions on disk across restarts.
     pub fn start() -> anyhow::Result<Mosquitto> {
-        Mosquitto::start_with("allow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\n")
+        Mosquitto::start_with(
+            "allow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\n",
+        )
     }
 
     /// A broker with extra configuration lines (`{dir}` stands for its directory). Without
@@ -25,12 +27,8 @@ impl Mosquitto {
     /// plenty of messages for absent persistent clients (Mosquitto's default is 1,000).
     pub fn start_with(extra_config: &str) -> anyhow::Result<Mosquitto> {
         let dir = cleanup::service_dir("mosquitto")?;
-        let mut broker = Mosquitto {
-            port: crate::free_port(),
-            dir,
-            extra_config: extra_config.to_owned(),
-            child: None,
-        };
+        let mut broker =
+            Mosquitto { port: crate::free_port(), dir, extra_config: extra_config.to_owned(), child: None };
         broker.restart()?;
         Ok(broker)
     }
@@ -51,14 +49,8 @@ impl Mosquitto {
                 port = self.port,
                 dir = self.dir.display(),
                 // Mosquitto started as root switches to the `mosquitto` user unless told not to.
-                user = if unsafe { libc::geteuid() } == 0 {
-                    "user root\n"
-                } else {
-                    ""
-                },
-                extra = self
-                    .extra_config
-                    .replace("{dir}", &self.dir.display().to_string()),
+                user = if unsafe { libc::geteuid() } == 0 { "user root\n" } else { "" },
+                extra = self.extra_config.replace("{dir}", &self.dir.display().to_string()),
             ),
         )?;
         let mut child = Command::new(&program)
@@ -71,15 +63,10 @@ impl Mosquitto {
             .with_context(|| format!("cannot start {}", program.display()))?;
         cleanup::register(child.id(), &self.dir);
         if !crate::wait_until(Duration::from_secs(10), || {
-            crate::wait_for_port(self.port, Duration::ZERO)
-                || matches!(child.try_wait(), Ok(Some(_)))
+            crate::wait_for_port(self.port, Duration::ZERO) || matches!(child.try_wait(), Ok(Some(_)))
         }) || matches!(child.try_wait(), Ok(Some(_)))
         {
-            bail!(
-                "mosquitto did not start on port {}; see {}/mosquitto.log",
-                self.port,
-                self.dir.display()
-            );
+            bail!("mosquitto did not start on port {}; see {}/mosquitto.log", self.port, self.dir.display());
         }
         self.child = Some(child);
         Ok(())

@@ -16,15 +16,9 @@ impl Publisher {
     /// Connects to the broker on 127.0.0.1:`port` (call inside a tokio runtime).
     pub async fn connect(port: u16) -> anyhow::Result<Publisher> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let id = format!(
-            "testkit-pub-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("testkit-pub-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let mut options = MqttOptions::new(id, "127.0.0.1", port);
-        options
-            .set_max_packet_size(64 << 20, 64 << 20)
-            .set_inflight(200);
+        options.set_max_packet_size(64 << 20, 64 << 20).set_inflight(200);
         let (client, mut eventloop) = AsyncClient::new(options, 1_000);
         // Wait for the CONNACK so the first publish cannot race a refused connection.
         loop {
@@ -49,22 +43,11 @@ impl Publisher {
                 }
             }
         });
-        Ok(Publisher {
-            client,
-            sent: 0,
-            acked,
-            task,
-        })
+        Ok(Publisher { client, sent: 0, acked, task })
     }
 
-    pub async fn publish(
-        &mut self,
-        topic: &str,
-        payload: impl Into<Vec<u8>>,
-    ) -> anyhow::Result<()> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload.into())
-            .await?;
+    pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) -> anyhow::Result<()> {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await?;
         self.sent += 1;
         Ok(())
     }
