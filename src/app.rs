@@ -84,9 +84,14 @@ async fn run_with_pool(
     let options = mqtt::options(&settings.mqtt, &broker).context("MQTT TLS").map_err(startup)?;
     let (flows_tx, flows_rx) = watch::channel(Arc::new(flows));
     let (messages_tx, messages_rx) = mpsc::channel(settings.max_in_flight);
-    let (mut session, client) =
-        BrokerSession::new(options, subscriptions.clone(), flows_rx.clone(), messages_tx);
-    let mut reloader = Reloader::new(pool.clone(), flows_tx, client.clone(), subscriptions);
+    let (mut session, client, acker) = BrokerSession::new(
+        options,
+        subscriptions.clone(),
+        flows_rx.clone(),
+        messages_tx,
+        settings.max_in_flight,
+    );
+    let mut reloader = Reloader::new(pool.clone(), flows_tx, client, subscriptions);
     reloader.report_broken(&flows_rx.borrow().broken);
 
     let wake_outbox = Arc::new(Notify::new());
@@ -110,7 +115,7 @@ async fn run_with_pool(
         pool.clone(),
         settings.batch.clone(),
         wake_outbox,
-        client,
+        acker,
         shutdown.clone(),
     );
     // The processor runs before the first connection: a persistent session may deliver

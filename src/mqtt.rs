@@ -16,7 +16,7 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
     Publish, QoS, SubscribeReasonCode,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -113,6 +113,33 @@ fn hint(error: &ConnectionError) -> String {
     crate::tls::explain(&text).map(|hint| format!(" ({hint})")).unwrap_or_default()
 }
 
+/// A message handed to the processor, with what it takes to acknowledge it once written.
+pub struct Message {
+    pub publish: Publish,
+    pub ack: AckToken,
+}
+
+/// Enough to acknowledge one message: its packet id, QoS, and the connection it came on.
+#[derive(Debug, Clone, Copy)]
+pub struct AckToken {
+    generation: u64,
+    pkid: u16,
+    qos: QoS,
+}
+
+/// The processor's way to acknowledge messages. Sending never waits: a processor blocked on
+/// acknowledgements while the session waits on the processor would deadlock, because rumqttc
+/// only sends queued acks while the session polls it.
+#[derive(Clone)]
+pub struct Acker(mpsc::UnboundedSender<AckToken>);
+
+impl Acker {
+    pub fn ack(&self, token: AckToken) {
+        // Fails only when the session is gone; the broker then redelivers.
+        let _ = self.0.send(token);
+    }
+}
+
 pub struct BrokerSession {
     eventloop: EventLoop,
     client: AsyncClient,
@@ -120,20 +147,34 @@ pub struct BrokerSession {
     subscriptions: Subscriptions,
     flows: watch::Receiver<Arc<FlowSet>>,
     /// `None` once shutdown began: later messages are left unacknowledged for redelivery.
-    messages: Option<mpsc::Sender<Publish>>,
+    messages: Option<mpsc::Sender<Message>>,
+    /// Messages received while the processor's queue was full, oldest first. Reading from the
+    /// broker pauses while this holds `hold_limit` messages, so memory stays bounded whatever
+    /// in-flight window the broker grants.
+    overflow: VecDeque<Message>,
+    hold_limit: usize,
+    acks: mpsc::UnboundedReceiver<AckToken>,
+    /// Acks waiting for room in rumqttc's request queue, in the order MQTT requires.
+    unsent_acks: VecDeque<AckToken>,
+    /// Counts connections: an ack from an earlier one is dropped, because its packet id means
+    /// nothing to the new one and the broker redelivers the message anyway.
+    generation: u64,
     backoff: Backoff,
 }
 
 impl BrokerSession {
-    /// The session and a client handle for acks and subscription changes.
+    /// The session, a client handle for subscription changes, and the processor's acker.
+    /// Messages go to `messages`; at most about `hold_limit` more wait beside it.
     pub fn new(
         options: MqttOptions,
         subscriptions: Subscriptions,
         flows: watch::Receiver<Arc<FlowSet>>,
-        messages: mpsc::Sender<Publish>,
-    ) -> (BrokerSession, AsyncClient) {
+        messages: mpsc::Sender<Message>,
+        hold_limit: usize,
+    ) -> (BrokerSession, AsyncClient, Acker) {
         let (host, port) = options.broker_address();
         let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+        let (ack_tx, acks) = mpsc::unbounded_channel();
         let session = BrokerSession {
             eventloop,
             client: client.clone(),
@@ -141,9 +182,14 @@ impl BrokerSession {
             subscriptions,
             flows,
             messages: Some(messages),
+            overflow: VecDeque::new(),
+            hold_limit: hold_limit.max(1),
+            acks,
+            unsent_acks: VecDeque::new(),
+            generation: 0,
             backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
         };
-        (session, client)
+        (session, client, Acker(ack_tx))
     }
 
     pub fn address(&self) -> &str {
@@ -161,7 +207,6 @@ impl BrokerSession {
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => break,
-                Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
                 Ok(_) => {}
                 Err(ConnectionError::ConnectionRefused(code)) => {
                     tracing::error!("MQTT connection failed with reason code: {}", return_code(code));
@@ -183,6 +228,7 @@ impl BrokerSession {
         let deadline = tokio::time::sleep(SUBACK_TIMEOUT);
         tokio::pin!(deadline);
         loop {
+            self.pass_on();
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return Err(StartError::Interrupted),
                 _ = &mut deadline => return Err(StartError::SubscribeTimeout(SUBACK_TIMEOUT)),
@@ -193,7 +239,8 @@ impl BrokerSession {
                     self.report_refused(&filters, &ack.return_codes);
                     return Ok(());
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
+                // A persistent session may deliver queued messages right after CONNACK.
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.receive(publish),
                 Ok(_) => {}
                 Err(cause) => return Err(StartError::Connect { address: self.address.clone(), cause }),
             }
@@ -203,57 +250,42 @@ impl BrokerSession {
     /// Polls the connection until shutdown, then waits for `processor` to finish (so its acks
     /// go out) and disconnects cleanly.
     pub async fn run(mut self, shutdown: CancellationToken, mut processor: JoinHandle<()>) {
-        let mut retry_in: Option<Duration> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
         let mut processor_done = false;
         loop {
             if shutdown.is_cancelled() && self.messages.is_some() {
-                // Dropping the sender lets the processor drain what it has and stop.
+                // Dropping the sender lets the processor drain what it has and stop; what waits
+                // here was never written and is left unacknowledged, for redelivery.
                 self.messages = None;
+                self.overflow.clear();
             }
-            if let Some(delay) = retry_in.take() {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = &mut processor, if !processor_done => { processor_done = true; }
-                }
-                if processor_done {
+            self.pass_on();
+            let reading = retry_at.is_none() && self.overflow.len() < self.hold_limit;
+            let room = self.messages.clone().filter(|_| !self.overflow.is_empty());
+            tokio::select! {
+                biased;
+                _ = &mut processor, if !processor_done => {
+                    processor_done = true;
                     break;
                 }
-                continue;
-            }
-            let event = tokio::select! {
-                _ = shutdown.cancelled(), if self.messages.is_some() => continue,
-                _ = &mut processor, if !processor_done => { processor_done = true; break; }
-                event = self.eventloop.poll() => event,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    tracing::info!("Reconnected to MQTT broker {}", self.address);
-                    self.backoff.reset();
-                    let filters = self.flows.borrow().filters();
-                    self.subscribe(&filters).await;
+                token = self.acks.recv() => {
+                    if let Some(token) = token {
+                        self.unsent_acks.push_back(token);
+                    }
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_over(publish).await,
-                Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.iter().any(is_refused) => {
-                    tracing::error!(
-                        "MQTT broker refused a subscription (packet {}): {:?}",
-                        ack.pkid,
-                        ack.return_codes
-                    );
+                _ = shutdown.cancelled(), if self.messages.is_some() => {}
+                permit = async { room.as_ref().expect("guarded").reserve().await }, if room.is_some() => {
+                    if let (Ok(permit), Some(message)) = (permit, self.overflow.pop_front()) {
+                        permit.send(message);
+                    }
                 }
-                Ok(_) => {}
-                Err(ConnectionError::ConnectionRefused(code)) => {
-                    tracing::error!("MQTT connection failed with reason code: {}", return_code(code));
-                    retry_in = Some(self.backoff.step());
+                _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                    retry_at = None;
                 }
-                Err(error) => {
-                    let delay = self.backoff.step();
-                    tracing::warn!(
-                        "Lost connection to MQTT broker {}: {error}{}; reconnecting in {:.1}s",
-                        self.address,
-                        hint(&error),
-                        delay.as_secs_f64()
-                    );
-                    retry_in = Some(delay);
+                event = self.eventloop.poll(), if reading => {
+                    if let Some(delay) = self.handle(event).await {
+                        retry_at = Some(tokio::time::Instant::now() + delay);
+                    }
                 }
             }
         }
@@ -263,10 +295,87 @@ impl BrokerSession {
         self.disconnect().await;
     }
 
-    async fn hand_over(&mut self, publish: Publish) {
+    /// Acts on one event; returns how long to wait before reconnecting after an error.
+    async fn handle(&mut self, event: Result<Event, ConnectionError>) -> Option<Duration> {
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!("Reconnected to MQTT broker {}", self.address);
+                self.generation += 1;
+                self.backoff.reset();
+                let filters = self.flows.borrow().filters();
+                self.subscribe(&filters).await;
+                None
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                self.receive(publish);
+                None
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.iter().any(is_refused) => {
+                tracing::error!(
+                    "MQTT broker refused a subscription (packet {}): {:?}",
+                    ack.pkid,
+                    ack.return_codes
+                );
+                None
+            }
+            Ok(_) => None,
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                tracing::error!("MQTT connection failed with reason code: {}", return_code(code));
+                Some(self.backoff.step())
+            }
+            Err(error) => {
+                let delay = self.backoff.step();
+                tracing::warn!(
+                    "Lost connection to MQTT broker {}: {error}{}; reconnecting in {:.1}s",
+                    self.address,
+                    hint(&error),
+                    delay.as_secs_f64()
+                );
+                Some(delay)
+            }
+        }
+    }
+
+    /// Queues a received message for the processor; nothing here ever waits.
+    fn receive(&mut self, publish: Publish) {
+        if self.messages.is_none() {
+            return;
+        }
+        let ack = AckToken { generation: self.generation, pkid: publish.pkid, qos: publish.qos };
+        self.overflow.push_back(Message { publish, ack });
+        self.pass_on();
+    }
+
+    /// Moves waiting messages to the processor and waiting acks to rumqttc, as far as each
+    /// has room, keeping order.
+    fn pass_on(&mut self) {
         if let Some(messages) = &self.messages {
-            // Fails only when the processor is gone; the message stays unacknowledged.
-            let _ = messages.send(publish).await;
+            while let Some(message) = self.overflow.pop_front() {
+                match messages.try_send(message) {
+                    Ok(()) => {}
+                    Err(
+                        mpsc::error::TrySendError::Full(message) | mpsc::error::TrySendError::Closed(message),
+                    ) => {
+                        self.overflow.push_front(message);
+                        break;
+                    }
+                }
+            }
+        }
+        while let Ok(token) = self.acks.try_recv() {
+            self.unsent_acks.push_back(token);
+        }
+        while let Some(token) = self.unsent_acks.front().copied() {
+            if token.generation != self.generation || token.qos == QoS::AtMostOnce {
+                self.unsent_acks.pop_front();
+                continue;
+            }
+            let mut stub = Publish::new("", token.qos, Vec::new());
+            stub.pkid = token.pkid;
+            if self.client.try_ack(&stub).is_err() {
+                break;
+            }
+            self.unsent_acks.pop_front();
         }
     }
 
@@ -291,18 +400,31 @@ impl BrokerSession {
         }
     }
 
-    /// Sends the acks still queued, then DISCONNECT, bounded in time.
+    /// Sends the acks still queued, then DISCONNECT, and waits for the broker to close the
+    /// connection, bounded in time.
     async fn disconnect(mut self) {
-        if self.client.disconnect().await.is_err() {
-            return;
-        }
         let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
+            self.pass_on();
+            while !self.unsent_acks.is_empty() {
+                if self.eventloop.poll().await.is_err() {
+                    return;
+                }
+                self.pass_on();
+            }
+            if self.client.disconnect().await.is_err() {
+                return;
+            }
             loop {
                 match self.eventloop.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
                     Ok(_) => {}
                 }
             }
+            // Read on until the broker closes the connection. Closing a socket with unread
+            // messages in it makes the kernel send a reset, and the broker then throws away the
+            // last acks and the DISCONNECT it had not read yet, redelivering those messages.
+            // What arrives meanwhile is neither written nor acknowledged.
+            while self.eventloop.poll().await.is_ok() {}
         })
         .await;
     }

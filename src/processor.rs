@@ -12,9 +12,9 @@ use crate::backoff::Backoff;
 use crate::batch::{self, Effect, Item, Outcome};
 use crate::config::BatchSettings;
 use crate::flows::{Action, FlowSet};
+use crate::mqtt::{Acker, Message};
 use crate::sinks::{post_endpoint, store_db};
 use chrono::{NaiveDateTime, SubsecRound, Utc};
-use rumqttc::{AsyncClient, Publish};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sqlx::MySqlPool;
@@ -98,8 +98,8 @@ pub struct Processor {
     batch: BatchSettings,
     /// Told after each commit that wrote outbox requests.
     outbox: Arc<Notify>,
-    /// Acknowledgements go out through the broker session's request queue.
-    acks: AsyncClient,
+    /// Acknowledgements go back to the broker session.
+    acks: Acker,
     /// Cancelled at shutdown: a batch waiting for the database is then given up, unacknowledged.
     shutdown: CancellationToken,
 }
@@ -110,14 +110,14 @@ impl Processor {
         pool: MySqlPool,
         batch: BatchSettings,
         outbox: Arc<Notify>,
-        acks: AsyncClient,
+        acks: Acker,
         shutdown: CancellationToken,
     ) -> Processor {
         Processor { flows, pool, batch, outbox, acks, shutdown }
     }
 
     /// Runs until the session closes the channel (at shutdown) and what it holds is written.
-    pub async fn run(self, mut messages: mpsc::Receiver<Publish>) {
+    pub async fn run(self, mut messages: mpsc::Receiver<Message>) {
         let mut batch = Vec::with_capacity(self.batch.max_messages);
         while let Some(first) = messages.recv().await {
             batch.push(first);
@@ -129,16 +129,15 @@ impl Processor {
                 );
                 return;
             }
-            for publish in batch.drain(..) {
-                // QoS 0 messages need no acknowledgement; rumqttc ignores them. An error means
-                // the session is gone, and the broker will redeliver.
-                let _ = self.acks.ack(&publish).await;
+            // In arrival order, as MQTT requires.
+            for message in batch.drain(..) {
+                self.acks.ack(message.ack);
             }
         }
     }
 
     /// Adds what arrives within the batch delay, up to the batch size.
-    async fn fill(&self, batch: &mut Vec<Publish>, messages: &mut mpsc::Receiver<Publish>) {
+    async fn fill(&self, batch: &mut Vec<Message>, messages: &mut mpsc::Receiver<Message>) {
         let deadline = Instant::now() + self.batch.max_delay;
         while batch.len() < self.batch.max_messages {
             match messages.try_recv() {
@@ -156,7 +155,7 @@ impl Processor {
 
     /// Decodes, validates and writes a batch. False when shutdown interrupted a wait for the
     /// database: nothing of the batch may be acknowledged then.
-    async fn process(&self, batch: &[Publish]) -> bool {
+    async fn process(&self, batch: &[Message]) -> bool {
         let received_at: NaiveDateTime = Utc::now().naive_utc().trunc_subsecs(0);
         let items = self.prepare(batch);
         if items.is_empty() {
@@ -208,10 +207,10 @@ impl Processor {
     }
 
     /// Decodes each message and renders it for each matching flow; logs what fails.
-    fn prepare(&self, batch: &[Publish]) -> Vec<Item> {
+    fn prepare(&self, batch: &[Message]) -> Vec<Item> {
         let flows = Arc::clone(&self.flows.borrow());
         let mut items = Vec::new();
-        for publish in batch {
+        for Message { publish, .. } in batch {
             let topic = publish.topic.as_str();
             let payload = match decode(&publish.payload) {
                 Ok(payload) => payload,

@@ -1,4 +1,4 @@
-//! `cargo xtask ci` and `cargo xtask e2e`.
+//! `cargo xtask ci`, `cargo xtask e2e` and `cargo xtask bench`.
 
 use crate::services;
 use anyhow::{bail, Context};
@@ -38,4 +38,9 @@ pub fn ci() -> anyhow::Result<()> {
 pub fn e2e() -> anyhow::Result<()> {
     services::require_installed()?;
     cargo("end-to-end tests", &["test", "--test", "e2e"])
+}
+
+pub fn bench() -> anyhow::Result<()> {
+    services::require_installed()?;
+    cargo("benchmark", &["bench", "--bench", "throughput"])
 }

@@ -43,7 +43,6 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\n\
                  max_queued_messages 1000000\n\
-                 max_inflight_messages 20\n\
                  log_dest file {dir}/mosquitto.log\n\
                  {user}{extra}",
                 port = self.port,

@@ -1,0 +1,330 @@
+//! `cargo xtask bench`: throughput, latency, CPU and memory of the real gateway binary against
+//! a real MariaDB (durable settings: `innodb_flush_log_at_trx_commit=1`), a real Mosquitto and
+//! an HTTP echo server, all on this machine.
+//!
+//! Scenarios: STORE_DB with 2 and 8 attributes and POST_ENDPOINT at full publishing speed;
+//! end-to-end latency at a fixed 1,000 msg/s for both actions. Prints a table and writes
+//! `target/bench/throughput.json`. Sizes can be scaled with `BENCH_MESSAGES` (default 100000).
+
+use serde_json::json;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::MySqlPool;
+use std::time::{Duration, Instant};
+use testkit::mariadb::Durability;
+use testkit::{EchoServer, Gateway, MariaDb, Mosquitto, Publisher};
+
+const DB_USER: &str = "bench";
+const DB_PASSWORD: &str = "bench-password";
+
+struct Bench {
+    db: MariaDb,
+    broker: Mosquitto,
+    echo: EchoServer,
+    pool: MySqlPool,
+}
+
+/// One scenario's measurements.
+#[derive(Default)]
+struct Run {
+    name: String,
+    messages: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+    latency_ms: Option<(f64, f64)>,
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let messages: u64 = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let window: u32 = std::env::var("BENCH_BROKER_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let bench = Bench::start(window).await?;
+        let mut runs = Vec::new();
+        runs.push(bench.full_speed("STORE_DB, 2 attributes", "STORE_DB", 2, messages).await?);
+        runs.push(bench.full_speed("STORE_DB, 8 attributes", "STORE_DB", 8, messages).await?);
+        runs.push(bench.full_speed("POST_ENDPOINT", "POST_ENDPOINT", 2, messages / 2).await?);
+        runs.push(bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000).await?);
+        runs.push(bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000).await?);
+        report(&runs, window)
+    })
+}
+
+impl Bench {
+    async fn start(window: u32) -> anyhow::Result<Bench> {
+        let db = MariaDb::start(Durability::Full)?;
+        let broker = Mosquitto::start_with(&format!(
+            "allow_anonymous true\nmax_inflight_messages {window}\nmax_queued_messages 10000000\n"
+        ))?;
+        let echo = EchoServer::start()?;
+        db.create_database("bench", DB_USER, DB_PASSWORD)?;
+        let options = MySqlConnectOptions::new()
+            .host("127.0.0.1")
+            .port(db.port)
+            .username(DB_USER)
+            .password(DB_PASSWORD)
+            .database("bench");
+        let pool = MySqlPoolOptions::new().max_connections(2).connect_with(options).await?;
+        mqtt_gateway::db::migrate(&pool).await?;
+        Ok(Bench { db, broker, echo, pool })
+    }
+
+    fn gateway(&self, client_id: &str) -> anyhow::Result<Gateway> {
+        let env: Vec<(String, String)> = [
+            ("DB_HOST", "127.0.0.1".to_owned()),
+            ("DB_PORT", self.db.port.to_string()),
+            ("DB_NAME", "bench".to_owned()),
+            ("DB_USER", DB_USER.to_owned()),
+            ("DB_PASSWORD", DB_PASSWORD.to_owned()),
+            ("MQTT_DEFAULT_HOST", "127.0.0.1".to_owned()),
+            ("MQTT_DEFAULT_PORT", self.broker.port.to_string()),
+            ("MQTT_CLIENT_ID", client_id.to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let gateway = Gateway::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_mqtt-gateway")), &env)?;
+        if !testkit::wait_until(Duration::from_secs(30), || gateway.count("Gateway ready") > 0) {
+            anyhow::bail!("the gateway did not start:\n{}", gateway.logs());
+        }
+        Ok(gateway)
+    }
+
+    /// A fresh flow (and gateway) per scenario, so counters and queues start empty.
+    async fn flow(&self, code: &str, action: &str) -> anyhow::Result<(i32, String, String)> {
+        let topic = format!("bench/{code}");
+        let path = format!("/bench/{code}");
+        let url = (action == "POST_ENDPOINT").then(|| self.echo.url(&path));
+        let done = sqlx::query(
+            "INSERT INTO flows (code, description, topic, action, payload_schema, endpoint_url, last_msg_id, enabled) \
+             VALUES (?, 'benchmark', ?, ?, '{}', ?, 0, TRUE)",
+        )
+        .bind(code)
+        .bind(&topic)
+        .bind(action)
+        .bind(url)
+        .execute(&self.pool)
+        .await?;
+        Ok((done.last_insert_id() as i32, topic, path))
+    }
+
+    async fn counter(&self, flow: i32) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar::<_, i32>("SELECT last_msg_id FROM flows WHERE id = ?")
+            .bind(flow)
+            .fetch_one(&self.pool)
+            .await?
+            .into())
+    }
+
+    /// Publishes `messages` as fast as the broker takes them and times how long the gateway
+    /// needs to have processed them all.
+    async fn full_speed(
+        &self,
+        name: &str,
+        action: &str,
+        attributes: usize,
+        messages: u64,
+    ) -> anyhow::Result<Run> {
+        let code = name.replace([' ', ','], "_");
+        let (flow, topic, path) = self.flow(&code, action).await?;
+        let gateway = self.gateway(&format!("bench-{code}"))?;
+        // The sequence number is one of the attributes.
+        let payload = payload(attributes - 1);
+        let cpu_before = cpu_seconds(gateway.pid());
+        let started = Instant::now();
+        let publisher = tokio::spawn(publish(self.broker.port, topic, messages, payload, None));
+        let (mut last_done, mut last_progress) = (0, Instant::now());
+        loop {
+            let done = if action == "POST_ENDPOINT" {
+                self.echo.requests(&path).len() as u64
+            } else {
+                self.counter(flow).await? as u64
+            };
+            if done >= messages {
+                break;
+            }
+            if done > last_done {
+                (last_done, last_progress) = (done, Instant::now());
+            } else if last_progress.elapsed() > Duration::from_secs(15) {
+                anyhow::bail!(
+                    "{name}: stuck at {done} of {messages}; gateway log:\n{}\nbroker log (tail):\n{}",
+                    gateway.logs(),
+                    tail(&self.broker.log(), 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!("{name}: {messages} messages in {seconds:.1}s");
+        publisher.await??;
+        Ok(Run {
+            name: name.to_owned(),
+            messages,
+            seconds,
+            cpu_seconds: cpu_seconds(gateway.pid()) - cpu_before,
+            peak_rss_kib: peak_rss_kib(gateway.pid()),
+            latency_ms: None,
+        })
+    }
+
+    /// Publishes one message per millisecond and measures each one's time to its commit
+    /// (STORE_DB: when the counter passes its id, polled every millisecond) or to its arrival
+    /// at the endpoint (POST_ENDPOINT).
+    async fn fixed_rate(&self, name: &str, action: &str, messages: u64) -> anyhow::Result<Run> {
+        let code = name.replace([' ', ',', '/', '.'], "_");
+        let (flow, topic, path) = self.flow(&code, action).await?;
+        let gateway = self.gateway(&format!("bench-{code}"))?;
+        let cpu_before = cpu_seconds(gateway.pid());
+        let started = Instant::now();
+        let publisher = tokio::spawn(publish(
+            self.broker.port,
+            topic,
+            messages,
+            String::new(),
+            Some(Duration::from_millis(1)),
+        ));
+        let mut committed_at: Vec<Instant> = Vec::with_capacity(messages as usize);
+        if action == "STORE_DB" {
+            while (committed_at.len() as u64) < messages {
+                let now = Instant::now();
+                let counter = self.counter(flow).await? as usize;
+                while committed_at.len() < counter {
+                    committed_at.push(now);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } else {
+            while (self.echo.requests(&path).len() as u64) < messages {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            committed_at = self.echo.requests(&path).iter().map(|r| r.at).collect();
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let sent_at = publisher.await??;
+        let mut latencies: Vec<f64> = committed_at
+            .iter()
+            .zip(&sent_at)
+            .map(|(done, sent)| done.saturating_duration_since(*sent).as_secs_f64() * 1e3)
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+        Ok(Run {
+            name: name.to_owned(),
+            messages,
+            seconds,
+            cpu_seconds: cpu_seconds(gateway.pid()) - cpu_before,
+            peak_rss_kib: peak_rss_kib(gateway.pid()),
+            latency_ms: Some((pick(0.5), pick(0.99))),
+        })
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A sensor-like payload with `attributes` fields.
+fn payload(attributes: usize) -> String {
+    let fields: Vec<String> = (0..attributes).map(|i| format!(r#""field_{i}": {}.5"#, 20 + i)).collect();
+    format!("{{{}}}", fields.join(", "))
+}
+
+/// Publishes `messages` payloads (each with its sequence number), optionally paced, and
+/// returns when each was handed to the client.
+async fn publish(
+    port: u16,
+    topic: String,
+    messages: u64,
+    payload: String,
+    pace: Option<Duration>,
+) -> anyhow::Result<Vec<Instant>> {
+    let mut publisher = Publisher::connect(port).await?;
+    let mut sent_at = Vec::with_capacity(messages as usize);
+    let mut ticker = pace.map(tokio::time::interval);
+    for seq in 0..messages {
+        if let Some(ticker) = ticker.as_mut() {
+            ticker.tick().await;
+        }
+        let body = if payload.is_empty() {
+            format!(r#"{{"seq": {seq}}}"#)
+        } else {
+            format!(r#"{{"seq": {seq}, {}"#, &payload[1..])
+        };
+        sent_at.push(Instant::now());
+        publisher.publish(&topic, body).await?;
+    }
+    publisher.flush(Duration::from_secs(600)).await?;
+    Ok(sent_at)
+}
+
+/// User plus system CPU time of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / per_second
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn report(runs: &[Run], window: u32) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "{:<32} {:>10} {:>12} {:>14} {:>12} {:>16}",
+        "scenario", "messages", "msg/s", "CPU s/10k msg", "peak RSS", "latency p50/p99"
+    );
+    for run in runs {
+        let rate = run.messages as f64 / run.seconds;
+        let cpu = run.cpu_seconds / run.messages as f64 * 10_000.0;
+        let latency =
+            run.latency_ms.map(|(p50, p99)| format!("{p50:.1}/{p99:.1} ms")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<32} {:>10} {:>12.0} {:>14.3} {:>9.1} MiB {:>16}",
+            run.name,
+            run.messages,
+            rate,
+            cpu,
+            run.peak_rss_kib as f64 / 1024.0,
+            latency
+        );
+    }
+    let results: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|run| {
+            json!({
+                "scenario": run.name,
+                "messages": run.messages,
+                "seconds": run.seconds,
+                "messages_per_second": run.messages as f64 / run.seconds,
+                "cpu_seconds_per_10k": run.cpu_seconds / run.messages as f64 * 10_000.0,
+                "peak_rss_kib": run.peak_rss_kib,
+                "latency_p50_ms": run.latency_ms.map(|l| l.0),
+                "latency_p99_ms": run.latency_ms.map(|l| l.1),
+            })
+        })
+        .collect();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("throughput.json");
+    let document = json!({ "broker_max_inflight_messages": window, "runs": results });
+    std::fs::write(&file, serde_json::to_string_pretty(&document)?)?;
+    println!("\nwritten to {}", file.display());
+    Ok(())
+}
