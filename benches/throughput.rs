@@ -44,9 +44,15 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let bench = Bench::start(window).await?;
         let mut runs = Vec::new();
-        runs.push(bench.full_speed("STORE_DB, 2 attributes", "STORE_DB", 2, messages).await?);
-        runs.push(bench.full_speed("STORE_DB, 8 attributes", "STORE_DB", 8, messages).await?);
-        runs.push(bench.full_speed("POST_ENDPOINT", "POST_ENDPOINT", 2, messages / 2).await?);
+        runs.push(bench.full_speed("STORE_DB, 2 attributes", "STORE_DB", 2, messages, &[]).await?);
+        runs.push(bench.full_speed("STORE_DB, 8 attributes", "STORE_DB", 8, messages, &[]).await?);
+        runs.push(bench.full_speed("POST_ENDPOINT, ordered", "POST_ENDPOINT", 2, messages / 2, &[]).await?);
+        let unordered = [("HTTP_ORDERED", "false")];
+        runs.push(
+            bench
+                .full_speed("POST_ENDPOINT, HTTP_ORDERED=false", "POST_ENDPOINT", 2, messages / 2, &unordered)
+                .await?,
+        );
         runs.push(bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000).await?);
         runs.push(bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000).await?);
         report(&runs, window)
@@ -72,8 +78,8 @@ impl Bench {
         Ok(Bench { db, broker, echo, pool })
     }
 
-    fn gateway(&self, client_id: &str) -> anyhow::Result<Gateway> {
-        let env: Vec<(String, String)> = [
+    fn gateway(&self, client_id: &str, extra: &[(&str, &str)]) -> anyhow::Result<Gateway> {
+        let mut env: Vec<(String, String)> = [
             ("DB_HOST", "127.0.0.1".to_owned()),
             ("DB_PORT", self.db.port.to_string()),
             ("DB_NAME", "bench".to_owned()),
@@ -87,6 +93,7 @@ impl Bench {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let gateway = Gateway::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_mqtt-gateway")), &env)?;
         if !testkit::wait_until(Duration::from_secs(30), || gateway.count("Gateway ready") > 0) {
             anyhow::bail!("the gateway did not start:\n{}", gateway.logs());
@@ -128,10 +135,11 @@ impl Bench {
         action: &str,
         attributes: usize,
         messages: u64,
+        extra: &[(&str, &str)],
     ) -> anyhow::Result<Run> {
-        let code = name.replace([' ', ','], "_");
+        let code = name.replace([' ', ',', '='], "_");
         let (flow, topic, path) = self.flow(&code, action).await?;
-        let gateway = self.gateway(&format!("bench-{code}"))?;
+        let gateway = self.gateway(&format!("bench-{code}"), extra)?;
         // The sequence number is one of the attributes.
         let payload = payload(attributes - 1);
         let cpu_before = cpu_seconds(gateway.pid());
@@ -140,7 +148,7 @@ impl Bench {
         let (mut last_done, mut last_progress) = (0, Instant::now());
         loop {
             let done = if action == "POST_ENDPOINT" {
-                self.echo.requests(&path).len() as u64
+                self.echo.count(&path) as u64
             } else {
                 self.counter(flow).await? as u64
             };
@@ -177,7 +185,7 @@ impl Bench {
     async fn fixed_rate(&self, name: &str, action: &str, messages: u64) -> anyhow::Result<Run> {
         let code = name.replace([' ', ',', '/', '.'], "_");
         let (flow, topic, path) = self.flow(&code, action).await?;
-        let gateway = self.gateway(&format!("bench-{code}"))?;
+        let gateway = self.gateway(&format!("bench-{code}"), &[])?;
         let cpu_before = cpu_seconds(gateway.pid());
         let started = Instant::now();
         let publisher = tokio::spawn(publish(
@@ -198,7 +206,7 @@ impl Bench {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         } else {
-            while (self.echo.requests(&path).len() as u64) < messages {
+            while (self.echo.count(&path) as u64) < messages {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             committed_at = self.echo.requests(&path).iter().map(|r| r.at).collect();

@@ -8,14 +8,14 @@
 use crate::config::Settings;
 use crate::flows::FlowSet;
 use crate::mqtt::{self, BrokerSession, Subscriptions};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, OutboxSignal};
 use crate::processor::Processor;
 use crate::reload::Reloader;
 use crate::{db, tls};
 use anyhow::Context;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Why the gateway stopped with an error.
@@ -94,7 +94,7 @@ async fn run_with_pool(
     let mut reloader = Reloader::new(pool.clone(), flows_tx, client, subscriptions);
     reloader.report_broken(&flows_rx.borrow().broken);
 
-    let wake_outbox = Arc::new(Notify::new());
+    let wake_outbox = Arc::new(OutboxSignal::default());
     let outbox = Outbox::new(
         pool.clone(),
         settings.delivery.clone(),

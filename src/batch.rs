@@ -93,8 +93,9 @@ pub async fn write(
             }
             Err(db::CounterError::FlowGone(_)) => {}
             Err(db::CounterError::Db(e)) => return Err(e),
+            // Decode is not transient: retrying cannot make the counter fit.
             Err(overflow @ db::CounterError::Overflow(_)) => {
-                return Err(sqlx::Error::Protocol(overflow.to_string()))
+                return Err(sqlx::Error::Decode(overflow.into()))
             }
         }
     }

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a lease lasts without renewal; a crashed instance's flows move on after this.
 const LEASE: Duration = Duration::from_secs(30);
+/// How often a delivery task reads its flow from the start again.
+const CURSOR_REWIND: Duration = Duration::from_secs(5);
 /// Requests read per round trip.
 const FETCH: i64 = 200;
 /// How often the table is checked when nothing wakes the outbox.
@@ -55,6 +57,30 @@ struct Failure {
     retry_after: Option<Duration>,
 }
 
+/// How the processor tells the outbox which flows it just wrote requests for.
+#[derive(Default)]
+pub struct OutboxSignal {
+    written: Mutex<HashSet<i32>>,
+    notify: Notify,
+}
+
+impl OutboxSignal {
+    /// Called after a commit that wrote requests for these flows.
+    pub fn requests_written(&self, flows: impl IntoIterator<Item = i32>) {
+        self.written.lock().unwrap_or_else(|p| p.into_inner()).extend(flows);
+        self.notify.notify_one();
+    }
+
+    /// The flows signalled since the last call, except those being delivered now: a running
+    /// delivery may already have read past the new requests, so they are kept for when it ends.
+    fn take(&self, running: &HashSet<i32>) -> HashSet<i32> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let (busy, ready): (HashSet<i32>, HashSet<i32>) = written.drain().partition(|f| running.contains(f));
+        *written = busy;
+        ready
+    }
+}
+
 pub struct Outbox {
     pool: MySqlPool,
     http: reqwest::Client,
@@ -62,7 +88,7 @@ pub struct Outbox {
     /// This instance's name in lease rows: its MQTT client id, stable across restarts, so a
     /// restarted instance takes its flows back at once.
     owner: String,
-    wake: Arc<Notify>,
+    signal: Arc<OutboxSignal>,
     endpoints: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
@@ -71,13 +97,13 @@ impl Outbox {
         pool: MySqlPool,
         settings: DeliverySettings,
         owner: String,
-        wake: Arc<Notify>,
+        signal: Arc<OutboxSignal>,
     ) -> Result<Outbox, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
             .pool_max_idle_per_host(settings.concurrency)
             .build()?;
-        Ok(Outbox { pool, http, settings, owner, wake, endpoints: Mutex::default() })
+        Ok(Outbox { pool, http, settings, owner, signal, endpoints: Mutex::default() })
     }
 
     /// `(pending, dead)` request counts.
@@ -96,18 +122,47 @@ impl Outbox {
         let mut active: JoinSet<(i32, Option<Duration>)> = JoinSet::new();
         let mut running: HashSet<i32> = HashSet::new();
         let mut not_before: HashMap<i32, Instant> = HashMap::new();
+        let mut next_scan = Instant::now();
         loop {
             if !shutdown.is_cancelled() {
-                self.start_due_flows(&shutdown, &mut active, &mut running, &not_before).await;
+                let now = Instant::now();
+                // The processor names the flows it wrote requests for; the whole table is read
+                // only once per IDLE_POLL, for requests left by an earlier run or an instance
+                // that died. Reading it on every commit made delivery slow down as it grew.
+                let mut candidates = if now >= next_scan {
+                    next_scan = now + IDLE_POLL;
+                    self.flows_with_requests().await
+                } else {
+                    self.signal.take(&running)
+                };
+                not_before.retain(|flow, at| {
+                    let due = *at <= now;
+                    if due {
+                        candidates.insert(*flow);
+                    }
+                    !due
+                });
+                for flow in candidates {
+                    if running.contains(&flow) || not_before.contains_key(&flow) {
+                        continue;
+                    }
+                    match self.acquire(flow).await {
+                        Ok(true) => {
+                            running.insert(flow);
+                            let outbox = Arc::clone(&self);
+                            let shutdown = shutdown.clone();
+                            active.spawn(async move { (flow, outbox.deliver_flow(flow, &shutdown).await) });
+                        }
+                        Ok(false) => {}
+                        Err(error) => tracing::warn!("Outbox cannot take the lease of flow {flow}: {error}"),
+                    }
+                }
             }
-            let now = Instant::now();
-            not_before.retain(|_, at| *at > now);
-            let next_check =
-                not_before.values().copied().min().unwrap_or(now + IDLE_POLL).min(now + IDLE_POLL);
+            let wake_at = not_before.values().copied().min().unwrap_or(next_scan).min(next_scan);
             tokio::select! {
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep_until(next_check) => {}
+                _ = self.signal.notify.notified() => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
                 Some(done) = active.join_next(), if !active.is_empty() => {
                     if let Ok((flow, wait)) = done {
                         running.remove(&flow);
@@ -124,50 +179,36 @@ impl Outbox {
         }
     }
 
-    async fn start_due_flows(
-        self: &Arc<Self>,
-        shutdown: &CancellationToken,
-        active: &mut JoinSet<(i32, Option<Duration>)>,
-        running: &mut HashSet<i32>,
-        not_before: &HashMap<i32, Instant>,
-    ) {
-        let flows: Vec<i32> =
-            match sqlx::query_scalar("SELECT DISTINCT flow_id FROM gateway_outbox WHERE dead = FALSE")
-                .fetch_all(&self.pool)
-                .await
-            {
-                Ok(flows) => flows,
-                Err(error) => {
-                    tracing::warn!("Outbox cannot read pending requests: {error}");
-                    return;
-                }
-            };
-        for flow in flows {
-            if running.contains(&flow) || not_before.get(&flow).is_some_and(|at| *at > Instant::now()) {
-                continue;
-            }
-            match self.acquire(flow).await {
-                Ok(true) => {
-                    running.insert(flow);
-                    let outbox = Arc::clone(self);
-                    let shutdown = shutdown.clone();
-                    active.spawn(async move { (flow, outbox.deliver_flow(flow, &shutdown).await) });
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!("Outbox cannot take the lease of flow {flow}: {error}")
-                }
+    /// Every flow with requests not yet delivered or dead.
+    async fn flows_with_requests(&self) -> HashSet<i32> {
+        match sqlx::query_scalar("SELECT DISTINCT flow_id FROM gateway_outbox WHERE dead = FALSE")
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(flows) => flows.into_iter().collect(),
+            Err(error) => {
+                tracing::warn!("Outbox cannot read pending requests: {error}");
+                HashSet::new()
             }
         }
     }
 
     /// Sends a flow's due requests until none is due; returns how long until the next one is.
     async fn deliver_flow(&self, flow: i32, shutdown: &CancellationToken) -> Option<Duration> {
+        // Reading from the smallest id not yet settled, rather than from the start of the flow,
+        // skips the rows just deleted: InnoDB keeps them as delete-marked until purged, and a
+        // scan from the start would step over all of them on every round. The cursor goes back
+        // to the start now and then, for a request another instance committed with a smaller id.
+        let mut cursor = 0i64;
+        let mut rewind_at = Instant::now() + CURSOR_REWIND;
         let wait = loop {
             if shutdown.is_cancelled() {
                 break None;
             }
-            let requests = match self.fetch(flow).await {
+            if Instant::now() >= rewind_at {
+                (cursor, rewind_at) = (0, Instant::now() + CURSOR_REWIND);
+            }
+            let requests = match self.fetch(flow, cursor).await {
                 Ok(requests) => requests,
                 Err(error) => {
                     tracing::warn!("Outbox cannot read the requests of flow {flow}: {error}");
@@ -186,10 +227,15 @@ impl Outbox {
             } else {
                 futures_util::future::join_all(due.iter().map(|r| async { (*r, self.send(r).await) })).await
             };
-            if let Err(error) = self.record(&results).await {
-                tracing::warn!("Outbox cannot record deliveries of flow {flow}: {error}");
-                break Some(FIRST_RETRY);
-            }
+            let settled = match self.record(&results).await {
+                Ok(settled) => settled,
+                Err(error) => {
+                    tracing::warn!("Outbox cannot record deliveries of flow {flow}: {error}");
+                    break Some(FIRST_RETRY);
+                }
+            };
+            let last = requests.last().map_or(cursor, |r| r.id + 1);
+            cursor = requests.iter().map(|r| r.id).find(|id| !settled.contains(id)).unwrap_or(last);
             if !self.renew(flow).await {
                 break None;
             }
@@ -230,14 +276,15 @@ impl Outbox {
         )
     }
 
-    async fn fetch(&self, flow: i32) -> Result<Vec<Request>, sqlx::Error> {
+    async fn fetch(&self, flow: i32, from_id: i64) -> Result<Vec<Request>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT id, flow_code, endpoint_url, body, attempts, \
              TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(3)), \
              TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(3), next_attempt_at) \
-             FROM gateway_outbox WHERE dead = FALSE AND flow_id = ? ORDER BY id LIMIT ?",
+             FROM gateway_outbox WHERE dead = FALSE AND flow_id = ? AND id >= ? ORDER BY id LIMIT ?",
         )
         .bind(flow)
+        .bind(from_id)
         .bind(FETCH)
         .fetch_all(&self.pool)
         .await?;
@@ -259,8 +306,10 @@ impl Outbox {
     }
 
     /// Deletes what was delivered; schedules or buries what failed, logging each failure.
-    async fn record(&self, results: &[(&Request, Result<(), Failure>)]) -> Result<(), sqlx::Error> {
+    /// Returns the ids settled for good: delivered or dead.
+    async fn record(&self, results: &[(&Request, Result<(), Failure>)]) -> Result<HashSet<i64>, sqlx::Error> {
         let delivered: Vec<i64> = results.iter().filter(|(_, r)| r.is_ok()).map(|(req, _)| req.id).collect();
+        let mut settled: HashSet<i64> = delivered.iter().copied().collect();
         if !delivered.is_empty() {
             let mut delete: QueryBuilder<MySql> =
                 QueryBuilder::new("DELETE FROM gateway_outbox WHERE id IN (");
@@ -291,6 +340,7 @@ impl Outbox {
                 })
                 .min(MAX_RETRY_AFTER);
             if dead {
+                settled.insert(request.id);
                 tracing::error!(
                     flow_code = %request.flow_code,
                     "Giving up on request {} of flow {} after {attempts} attempts over {:.0}s; it is kept in gateway_outbox as dead",
@@ -311,7 +361,7 @@ impl Outbox {
             .execute(&self.pool)
             .await?;
         }
-        Ok(())
+        Ok(settled)
     }
 
     /// Takes the flow's lease if it is free, expired, or already ours.

@@ -13,6 +13,7 @@ use crate::batch::{self, Effect, Item, Outcome};
 use crate::config::BatchSettings;
 use crate::flows::{Action, FlowSet};
 use crate::mqtt::{Acker, Message};
+use crate::outbox::OutboxSignal;
 use crate::sinks::{post_endpoint, store_db};
 use chrono::{NaiveDateTime, SubsecRound, Utc};
 use serde::Deserialize;
@@ -20,7 +21,7 @@ use serde_json::{Map, Value};
 use sqlx::MySqlPool;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -97,7 +98,7 @@ pub struct Processor {
     pool: MySqlPool,
     batch: BatchSettings,
     /// Told after each commit that wrote outbox requests.
-    outbox: Arc<Notify>,
+    outbox: Arc<OutboxSignal>,
     /// Acknowledgements go back to the broker session.
     acks: Acker,
     /// Cancelled at shutdown: a batch waiting for the database is then given up, unacknowledged.
@@ -109,7 +110,7 @@ impl Processor {
         flows: watch::Receiver<Arc<FlowSet>>,
         pool: MySqlPool,
         batch: BatchSettings,
-        outbox: Arc<Notify>,
+        outbox: Arc<OutboxSignal>,
         acks: Acker,
         shutdown: CancellationToken,
     ) -> Processor {
@@ -180,7 +181,7 @@ impl Processor {
                 outcomes
             }
         };
-        let mut queued = false;
+        let mut queued: Vec<i32> = Vec::new();
         for (i, outcome) in outcomes {
             let item = &items[i];
             match outcome {
@@ -194,14 +195,14 @@ impl Processor {
                             item.flow.code,
                             crate::outbox::redacted_str(url)
                         ),
-                        Effect::Post { .. } => queued = true,
+                        Effect::Post { .. } => queued.push(item.flow.id),
                         Effect::Store(_) => {}
                     }
                 }
             }
         }
-        if queued {
-            self.outbox.notify_one();
+        if !queued.is_empty() {
+            self.outbox.requests_written(queued);
         }
         true
     }

@@ -9,6 +9,7 @@ use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -36,6 +37,8 @@ impl Recorded {
 pub struct EchoServer {
     pub port: u16,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    /// Requests per exact path, so counting never walks the recorded requests.
+    counts: Arc<Mutex<HashMap<String, usize>>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -51,8 +54,9 @@ impl EchoServer {
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let counts = Arc::new(Mutex::new(HashMap::new()));
         let (stop, stopped) = oneshot::channel::<()>();
-        let recorder = Arc::clone(&requests);
+        let recorder = (Arc::clone(&requests), Arc::clone(&counts));
         let thread = std::thread::Builder::new().name("echo-server".into()).spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -61,8 +65,9 @@ impl EchoServer {
                 .expect("echo server runtime");
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("echo listener");
-                let app =
-                    axum::Router::new().fallback(move |req: Request| answer(Arc::clone(&recorder), req));
+                let app = axum::Router::new().fallback(move |req: Request| {
+                    answer(Arc::clone(&recorder.0), Arc::clone(&recorder.1), req)
+                });
                 let _ = axum::serve(listener, app)
                     .with_graceful_shutdown(async {
                         let _ = stopped.await;
@@ -70,11 +75,18 @@ impl EchoServer {
                     .await;
             });
         })?;
-        Ok(EchoServer { port, requests, stop: Some(stop), thread: Some(thread) })
+        Ok(EchoServer { port, requests, counts, stop: Some(stop), thread: Some(thread) })
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// How many requests arrived on paths starting with `prefix`, without copying them: the
+    /// handlers share this lock, so polling with `requests` would slow the server down.
+    pub fn count(&self, prefix: &str) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().filter(|(path, _)| path.starts_with(prefix)).map(|(_, n)| n).sum()
     }
 
     /// Requests received so far on paths starting with `prefix`.
@@ -95,7 +107,11 @@ impl Drop for EchoServer {
     }
 }
 
-async fn answer(requests: Arc<Mutex<Vec<Recorded>>>, req: Request) -> Response {
+async fn answer(
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let body: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
     let path = parts.uri.path().to_owned();
@@ -111,8 +127,10 @@ async fn answer(requests: Arc<Mutex<Vec<Recorded>>>, req: Request) -> Response {
         at: Instant::now(),
     });
     let seen_before = {
-        let all = requests.lock().unwrap_or_else(|p| p.into_inner());
-        all.iter().filter(|r| r.path == path).count() as u64 - 1
+        let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(path.clone()).or_insert(0);
+        *n += 1;
+        *n as u64 - 1
     };
     let mut segments = path.trim_start_matches('/').split('/');
     let kind = segments.next();
