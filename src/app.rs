@@ -7,11 +7,12 @@
 
 use crate::config::Settings;
 use crate::flows::FlowSet;
+use crate::health::Health;
 use crate::mqtt::{self, BrokerSession, Subscriptions};
 use crate::outbox::{Outbox, OutboxSignal};
 use crate::processor::Processor;
 use crate::reload::Reloader;
-use crate::{db, tls};
+use crate::{db, systemd, tls};
 use anyhow::Context;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
@@ -39,8 +40,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let db = &settings.db;
     let pool = db::connect(db)
         .await
-        .with_context(|| {
-            format!("cannot connect to database {} at {}:{} as {}", db.name, db.host, db.port, db.user)
+        .with_context(|| match &db.socket {
+            Some(socket) => {
+                format!("cannot connect to database {} through {} as {}", db.name, socket.display(), db.user)
+            }
+            None => {
+                format!("cannot connect to database {} at {}:{} as {}", db.name, db.host, db.port, db.user)
+            }
         })
         .map_err(RunError::Startup)?;
     let outcome = run_with_pool(&settings, pool.clone(), hangup, shutdown).await;
@@ -84,14 +90,16 @@ async fn run_with_pool(
     let options = mqtt::options(&settings.mqtt, &broker).context("MQTT TLS").map_err(startup)?;
     let (flows_tx, flows_rx) = watch::channel(Arc::new(flows));
     let (messages_tx, messages_rx) = mpsc::channel(settings.max_in_flight);
+    let health = Arc::new(Health::default());
     let (mut session, client, acker) = BrokerSession::new(
         options,
         subscriptions.clone(),
         flows_rx.clone(),
         messages_tx,
         settings.max_in_flight,
+        Arc::clone(&health),
     );
-    let mut reloader = Reloader::new(pool.clone(), flows_tx, client, subscriptions);
+    let mut reloader = Reloader::new(pool.clone(), flows_tx, client, subscriptions, Arc::clone(&health));
     reloader.report_broken(&flows_rx.borrow().broken);
 
     let wake_outbox = Arc::new(OutboxSignal::default());
@@ -117,6 +125,7 @@ async fn run_with_pool(
         wake_outbox,
         acker,
         shutdown.clone(),
+        Arc::clone(&health),
     );
     // The processor runs before the first connection: a persistent session may deliver
     // queued messages right after CONNACK, before any SUBSCRIBE.
@@ -137,12 +146,15 @@ async fn run_with_pool(
             flows.filters().len(),
             session.address()
         );
+        systemd::ready(&systemd::describe(&health, &flows));
     }
+    let supervise = tokio::spawn(systemd::supervise(Arc::clone(&health), flows_rx.clone(), shutdown.clone()));
 
     let reload = tokio::spawn(reloader.run(settings.reload_interval, hangup, shutdown.clone()));
     session.run(shutdown.clone(), processor).await;
     let _ = reload.await;
     let _ = outbox.await;
+    let _ = supervise.await;
     tracing::info!("Gateway stopped");
     Ok(())
 }

@@ -43,7 +43,8 @@ pub enum ConfigError {
 /// The variables as read; secrets and derived values are resolved in [`Settings::from_env`].
 #[derive(Deserialize)]
 struct Raw {
-    db_host: String,
+    db_host: Option<String>,
+    db_socket: Option<PathBuf>,
     db_name: String,
     db_user: String,
     db_password: Option<String>,
@@ -183,6 +184,8 @@ pub struct DeliverySettings {
 #[derive(Debug, Clone)]
 pub struct DbSettings {
     pub host: String,
+    /// A Unix socket to connect through instead of TCP (`host` and `port` then unused).
+    pub socket: Option<PathBuf>,
     pub port: u16,
     pub name: String,
     pub user: String,
@@ -226,6 +229,12 @@ impl Settings {
             // into a type that can fail, so none can appear here.
             envy::Error::Custom(msg) => ConfigError::Invalid { name: variable_in(&msg), reason: msg },
         })?;
+        let socket = raw.db_socket.as_ref().filter(|p| !p.as_os_str().is_empty());
+        let host = match (&raw.db_host, socket) {
+            (Some(host), _) => host.clone(),
+            (None, Some(_)) => "localhost".to_owned(),
+            (None, None) => return Err(ConfigError::Missing("DB_HOST (or DB_SOCKET)".into())),
+        };
         let password = resolve_password(&raw)?;
         if !(raw.http_timeout_seconds.is_finite() && raw.http_timeout_seconds > 0.0) {
             return Err(ConfigError::Invalid {
@@ -295,7 +304,8 @@ impl Settings {
         let tls = tls.transpose()?;
         Ok(Settings {
             db: DbSettings {
-                host: raw.db_host,
+                host,
+                socket: raw.db_socket.clone(),
                 port: raw.db_port,
                 name: raw.db_name,
                 user: raw.db_user,
@@ -343,6 +353,11 @@ fn resolve_password(raw: &Raw) -> Result<Secret, ConfigError> {
         if path.exists() {
             return read_password_file(&path);
         }
+    }
+    // Over a Unix socket the server may authenticate the process by its user (MariaDB's
+    // unix_socket plugin), with no password at all.
+    if raw.db_password.is_none() && raw.db_socket.is_some() {
+        return Ok(Secret::default());
     }
     raw.db_password
         .clone()

@@ -30,6 +30,10 @@ pub async fn connect(settings: &DbSettings) -> Result<MySqlPool, sqlx::Error> {
         .password(settings.password.expose())
         .database(&settings.name)
         .charset("utf8mb4");
+    let options = match &settings.socket {
+        Some(socket) => options.socket(socket),
+        None => options,
+    };
     MySqlPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))

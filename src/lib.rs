@@ -14,7 +14,8 @@
 //! - [`pyfmt`]: the Python renderings of values the original stored and sent.
 //! - [`db`]: the pool, migrations, and queries on `mqtt_servers` and `flows`.
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
-//! - [`logging`]: the original's log format, stderr and daily files.
+//! - [`logging`]: the original's log format, stderr and daily files; journald and JSON.
+//! - [`health`] and [`systemd`]: heartbeats, readiness, status, watchdog.
 //! - [`app`]: startup in the original's order, and an orderly shutdown.
 //! - [`backoff`]: capped exponential backoff with jitter; [`tls`]: crypto provider, broker TLS.
 
@@ -24,6 +25,7 @@ pub mod batch;
 pub mod config;
 pub mod db;
 pub mod flows;
+pub mod health;
 pub mod logging;
 pub mod mqtt;
 pub mod outbox;
@@ -31,4 +33,5 @@ pub mod processor;
 pub mod pyfmt;
 pub mod reload;
 pub mod sinks;
+pub mod systemd;
 pub mod tls;

@@ -3,7 +3,8 @@
 //! Operators grep `YYYY-MM-DD HH:MM:SS | LEVEL | mqtt_gateway | message` lines, so the format and
 //! the message texts are kept word for word. Stderr gets every level `RUST_LOG` allows (default
 //! `info`); when `LOG_DIR` is set, ERROR and above also go to `LOG_DIR/YYYY-MM-DD.log`, a new
-//! file each local day, as the original wrote them.
+//! file each local day, as the original wrote them. Under systemd the same messages go to the
+//! journal with their structured fields instead of stderr; `LOG_FORMAT=json` writes JSON lines.
 
 use chrono::{Local, NaiveDate};
 use std::fs::{File, OpenOptions};
@@ -21,18 +22,67 @@ use tracing_subscriber::{filter::LevelFilter, EnvFilter, Layer};
 /// The logger name of the original; operators' filters match on it.
 const LOGGER: &str = "mqtt_gateway";
 
+/// Where and how lines are written, from `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The original's text lines on stderr.
+    Text,
+    /// One JSON object per line on stderr, with every structured field.
+    Json,
+    /// Straight to the journal, with structured fields (`FLOW_CODE`, `TOPIC`, `MSG_ID`, ...)
+    /// that `journalctl -u mqtt-gateway FLOW_CODE=...` filters on.
+    Journald,
+}
+
+impl Format {
+    /// `LOG_FORMAT` when set; otherwise the journal when stderr is connected to it (systemd
+    /// sets `JOURNAL_STREAM` to the device and inode of that stream), else text.
+    pub fn from_env() -> Result<Format, String> {
+        match std::env::var("LOG_FORMAT").ok().as_deref().map(str::trim) {
+            Some("text") => Ok(Format::Text),
+            Some("json") => Ok(Format::Json),
+            Some("journald") => Ok(Format::Journald),
+            Some("") | None => Ok(if stderr_is_journal() { Format::Journald } else { Format::Text }),
+            Some(other) => Err(format!(
+                "invalid environment variable LOG_FORMAT: {other:?} is not text, json or journald"
+            )),
+        }
+    }
+}
+
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else { return false };
+    stream == format!("{}:{}", stderr.dev(), stderr.ino())
+}
+
 /// Installs the global subscriber. Fails only when `LOG_DIR` cannot be created.
-pub fn init(log_dir: Option<&Path>) -> io::Result<()> {
-    let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
-        .from_env_lossy()
-        // Dependencies speak up only for warnings unless RUST_LOG names them.
-        .add_directive("sqlx=warn".parse().expect("static directive"))
-        .add_directive("rumqttc=warn".parse().expect("static directive"));
-    let stderr = tracing_subscriber::fmt::layer()
-        .event_format(PythonFormat)
-        .with_writer(io::stderr)
-        .with_filter(filter);
+pub fn init(log_dir: Option<&Path>, format: Format) -> io::Result<()> {
+    let filter = || {
+        EnvFilter::builder()
+            .with_default_directive(LevelFilter::INFO.into())
+            .from_env_lossy()
+            // Dependencies speak up only for warnings unless RUST_LOG names them.
+            .add_directive("sqlx=warn".parse().expect("static directive"))
+            .add_directive("rumqttc=warn".parse().expect("static directive"))
+    };
+    let text = (format == Format::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .event_format(PythonFormat)
+            .with_writer(io::stderr)
+            .with_filter(filter())
+    });
+    let json = (format == Format::Json)
+        .then(|| tracing_subscriber::fmt::layer().json().with_writer(io::stderr).with_filter(filter()));
+    let journald = match format {
+        Format::Journald => Some(
+            tracing_journald::layer()?
+                .with_syslog_identifier("mqtt-gateway".to_owned())
+                .with_filter(filter()),
+        ),
+        _ => None,
+    };
     let file = match log_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
@@ -46,7 +96,7 @@ pub fn init(log_dir: Option<&Path>) -> io::Result<()> {
         None => None,
     };
     // A second init (tests calling run twice in one process) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(stderr).with(file).try_init();
+    let _ = tracing_subscriber::registry().with(text).with(json).with(journald).with(file).try_init();
     Ok(())
 }
 

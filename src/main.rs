@@ -12,19 +12,27 @@ use tokio_util::sync::CancellationToken;
 const THREAD_STACK: usize = 8 * 1024 * 1024;
 
 fn main() -> ExitCode {
+    let format = match logging::Format::from_env() {
+        Ok(format) => format,
+        Err(error) => {
+            let _ = logging::init(None, logging::Format::Text);
+            tracing::error!("Fatal error during startup: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
         Err(error) => {
             // Logging is not configured yet; LOG_DIR is still honoured if it is readable.
             let log_dir: Option<std::path::PathBuf> =
                 std::env::var_os("LOG_DIR").filter(|d| !d.is_empty()).map(Into::into);
-            let _ = logging::init(log_dir.as_deref());
+            let _ = logging::init(log_dir.as_deref(), format);
             tracing::error!("Fatal error during startup: {error}");
             return ExitCode::FAILURE;
         }
     };
-    if let Err(error) = logging::init(settings.log_dir.as_deref()) {
-        let _ = logging::init(None);
+    if let Err(error) = logging::init(settings.log_dir.as_deref(), format) {
+        let _ = logging::init(None, logging::Format::Text);
         tracing::error!("Fatal error during startup: cannot create LOG_DIR: {error}");
         return ExitCode::FAILURE;
     }
@@ -71,6 +79,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         }
         if round == 0 {
             tracing::info!("Shutting down: finishing the messages in hand");
+            mqtt_gateway::systemd::stopping();
             shutdown.cancel();
         }
     }

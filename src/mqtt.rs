@@ -12,6 +12,7 @@ use crate::backoff::Backoff;
 use crate::config::MqttSettings;
 use crate::db::BrokerRow;
 use crate::flows::FlowSet;
+use crate::health::{self, Health};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
     Publish, QoS, SubscribeReasonCode,
@@ -160,6 +161,7 @@ pub struct BrokerSession {
     /// nothing to the new one and the broker redelivers the message anyway.
     generation: u64,
     backoff: Backoff,
+    health: Arc<Health>,
 }
 
 impl BrokerSession {
@@ -171,6 +173,7 @@ impl BrokerSession {
         flows: watch::Receiver<Arc<FlowSet>>,
         messages: mpsc::Sender<Message>,
         hold_limit: usize,
+        health: Arc<Health>,
     ) -> (BrokerSession, AsyncClient, Acker) {
         let (host, port) = options.broker_address();
         let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
@@ -188,6 +191,7 @@ impl BrokerSession {
             unsent_acks: VecDeque::new(),
             generation: 0,
             backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
+            health,
         };
         (session, client, Acker(ack_tx))
     }
@@ -252,7 +256,9 @@ impl BrokerSession {
     pub async fn run(mut self, shutdown: CancellationToken, mut processor: JoinHandle<()>) {
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut processor_done = false;
+        let mut beat = tokio::time::interval(health::BEAT);
         loop {
+            self.health.beat_session();
             if shutdown.is_cancelled() && self.messages.is_some() {
                 // Dropping the sender lets the processor drain what it has and stop; what waits
                 // here was never written and is left unacknowledged, for redelivery.
@@ -274,6 +280,7 @@ impl BrokerSession {
                     }
                 }
                 _ = shutdown.cancelled(), if self.messages.is_some() => {}
+                _ = beat.tick() => {}
                 permit = async { room.as_ref().expect("guarded").reserve().await }, if room.is_some() => {
                     if let (Ok(permit), Some(message)) = (permit, self.overflow.pop_front()) {
                         permit.send(message);

@@ -12,6 +12,7 @@ use crate::backoff::Backoff;
 use crate::batch::{self, Effect, Item, Outcome};
 use crate::config::BatchSettings;
 use crate::flows::{Action, FlowSet};
+use crate::health::{self, Health};
 use crate::mqtt::{Acker, Message};
 use crate::outbox::OutboxSignal;
 use crate::sinks::{post_endpoint, store_db};
@@ -103,6 +104,7 @@ pub struct Processor {
     acks: Acker,
     /// Cancelled at shutdown: a batch waiting for the database is then given up, unacknowledged.
     shutdown: CancellationToken,
+    health: Arc<Health>,
 }
 
 impl Processor {
@@ -113,14 +115,24 @@ impl Processor {
         outbox: Arc<OutboxSignal>,
         acks: Acker,
         shutdown: CancellationToken,
+        health: Arc<Health>,
     ) -> Processor {
-        Processor { flows, pool, batch, outbox, acks, shutdown }
+        Processor { flows, pool, batch, outbox, acks, shutdown, health }
     }
 
     /// Runs until the session closes the channel (at shutdown) and what it holds is written.
     pub async fn run(self, mut messages: mpsc::Receiver<Message>) {
         let mut batch = Vec::with_capacity(self.batch.max_messages);
-        while let Some(first) = messages.recv().await {
+        let mut beat = tokio::time::interval(health::BEAT);
+        loop {
+            self.health.beat_processor();
+            let first = tokio::select! {
+                message = messages.recv() => match message {
+                    Some(message) => message,
+                    None => break,
+                },
+                _ = beat.tick() => continue,
+            };
             batch.push(first);
             self.fill(&mut batch, &mut messages).await;
             if !self.process(&batch).await {
@@ -130,6 +142,7 @@ impl Processor {
                 );
                 return;
             }
+            self.health.add_processed(batch.len() as u64);
             // In arrival order, as MQTT requires.
             for message in batch.drain(..) {
                 self.acks.ack(message.ack);
@@ -261,14 +274,22 @@ impl Processor {
                     } else {
                         tracing::debug!("Database still unavailable, retrying in {delay:?}: {error}");
                     }
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(delay) => {}
+                    self.health.set_waiting_for(Some(format!("the database ({error})")));
+                    // Waiting for the database is progress as far as the watchdog is concerned:
+                    // keep beating while the backoff runs.
+                    let until = Instant::now() + delay;
+                    while Instant::now() < until {
+                        self.health.beat_processor();
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return None,
+                            _ = tokio::time::sleep_until(until.min(Instant::now() + health::BEAT)) => {}
+                        }
                     }
                 }
                 result => {
                     if let (Some(since), Ok(_)) = (failing_since, &result) {
                         tracing::info!("Database is back after {:.1}s", since.elapsed().as_secs_f64());
+                        self.health.set_waiting_for(None);
                     }
                     return Some(result);
                 }

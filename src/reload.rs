@@ -4,7 +4,9 @@
 
 use crate::db;
 use crate::flows::{BrokenFlow, FlowSet};
+use crate::health::Health;
 use crate::mqtt::{self, Subscriptions};
+use crate::systemd;
 use rumqttc::AsyncClient;
 use sqlx::MySqlPool;
 use std::collections::HashSet;
@@ -21,6 +23,7 @@ pub struct Reloader {
     subscriptions: Subscriptions,
     /// Broken rows already reported, so each is logged once, and again only when it changes.
     reported: HashSet<(i32, String)>,
+    health: Arc<Health>,
 }
 
 impl Reloader {
@@ -29,8 +32,9 @@ impl Reloader {
         flows: watch::Sender<Arc<FlowSet>>,
         client: AsyncClient,
         subscriptions: Subscriptions,
+        health: Arc<Health>,
     ) -> Reloader {
-        Reloader { pool, flows, client, subscriptions, reported: HashSet::new() }
+        Reloader { pool, flows, client, subscriptions, reported: HashSet::new(), health }
     }
 
     /// Logs the broken rows of a set not yet reported.
@@ -56,11 +60,21 @@ impl Reloader {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
-                _ = hangup.recv() => tracing::info!("SIGHUP received: reloading flows"),
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP received: reloading flows");
+                    systemd::reloading();
+                    self.reload_logged().await;
+                    systemd::ready(&systemd::describe(&self.health, &self.flows.borrow()));
+                    continue;
+                }
             }
-            if let Err(error) = self.reload().await {
-                tracing::error!("Error reloading flows: {error}");
-            }
+            self.reload_logged().await;
+        }
+    }
+
+    async fn reload_logged(&mut self) {
+        if let Err(error) = self.reload().await {
+            tracing::error!("Error reloading flows: {error}");
         }
     }
 

@@ -15,4 +15,5 @@ mod reload;
 mod shutdown;
 mod startup;
 mod store_db;
+mod systemd;
 mod tls;

@@ -101,6 +101,16 @@ impl MariaDb {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: connections stay open and nothing
+    /// answers, as with a hung database.
+    pub fn pause(&self, paused: bool) {
+        if let Some(child) = &self.child {
+            let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     /// Starts the server again on the same port and data.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
