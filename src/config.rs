@@ -375,13 +375,18 @@ fn read_password_file(path: &Path) -> Result<Secret, ConfigError> {
 }
 
 /// The machine's name, for a client id that differs per host and survives restarts.
+/// `gethostname(2)` rather than `/proc/sys/kernel/hostname`, which a hardened unit
+/// (`ProcSubset=pid`) cannot read.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown-host".to_owned())
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length; gethostname writes at most that much.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        std::ffi::CStr::from_bytes_until_nul(&buf).ok().map(|c| c.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    name.filter(|h| !h.is_empty()).unwrap_or_else(|| "unknown-host".to_owned())
 }
 
 /// envy ends a parse error with "provided by NAME"; the operator needs that name first.

@@ -31,6 +31,7 @@ pub fn cargo(step: &str, args: &[&str]) -> anyhow::Result<()> {
 pub fn ci() -> anyhow::Result<()> {
     cargo("format", &["fmt", "--all", "--", "--check"])?;
     cargo("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    crate::nix::check()?;
     cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
     e2e()
 }

@@ -3,10 +3,12 @@
 //! - `ci`: everything CI checks: formatting, clippy, unit tests, end-to-end tests.
 //! - `e2e`: the end-to-end tests against real MariaDB, Mosquitto and HTTP servers.
 //! - `bench`: throughput, latency, CPU and memory against the same real services.
+//! - `nix-check`: parse, format and dead-code checks of the Nix files, and the flake lock.
 //!
 //! Each task runs cargo commands and stops at the first failure with a readable message.
 
 mod ci;
+mod nix;
 mod services;
 
 use std::process::ExitCode;
@@ -15,10 +17,12 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  ci     cargo fmt --check, clippy -D warnings, unit tests, end-to-end tests
-  e2e    end-to-end tests: the real binary against real MariaDB, Mosquitto and HTTP servers
-  bench  throughput, latency, CPU and memory (BENCH_MESSAGES=100000 scales it); writes
-         target/bench/throughput.json
+  ci         cargo fmt --check, clippy -D warnings, nix-check, unit tests, end-to-end tests
+  e2e        end-to-end tests: the real binary against real MariaDB, Mosquitto and HTTP servers
+  bench      throughput, latency, CPU and memory (BENCH_MESSAGES=100000 scales it); writes
+             target/bench/throughput.json
+  nix-check  nix-instantiate --parse, nixfmt --check, deadnix --fail on every .nix file, and
+             nix flake metadata --offline against flake.lock
 ";
 
 fn main() -> ExitCode {
@@ -27,6 +31,7 @@ fn main() -> ExitCode {
         Some("ci") => ci::ci(),
         Some("e2e") => ci::e2e(),
         Some("bench") => ci::bench(),
+        Some("nix-check") => nix::check(),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -1,0 +1,92 @@
+{
+  description = "mqtt-gateway: MQTT messages into MariaDB rows or HTTP POSTs, one flow at a time";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+    in
+    {
+      overlays.default = final: _prev: {
+        mqtt-gateway = final.callPackage ./nixos/package.nix { };
+      };
+
+      packages = forAllSystems (pkgs: {
+        mqtt-gateway = pkgs.callPackage ./nixos/package.nix { };
+        default = self.packages.${pkgs.stdenv.hostPlatform.system}.mqtt-gateway;
+      });
+
+      apps = forAllSystems (pkgs: {
+        default = {
+          type = "app";
+          program = nixpkgs.lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          meta.description = "Run mqtt-gateway with the environment's configuration";
+        };
+      });
+
+      nixosModules = {
+        mqtt-gateway =
+          { lib, pkgs, ... }:
+          {
+            imports = [ ./nixos/module.nix ];
+            services.mqtt-gateway.package =
+              lib.mkDefault
+                self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          };
+        default = self.nixosModules.mqtt-gateway;
+      };
+
+      checks = forAllSystems (
+        pkgs:
+        let
+          package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          vmTest =
+            file:
+            pkgs.testers.runNixOSTest {
+              imports = [ file ];
+              defaults.imports = [ self.nixosModules.mqtt-gateway ];
+            };
+        in
+        {
+          inherit package;
+          clippy = package.overrideAttrs (old: {
+            pname = "mqtt-gateway-clippy";
+            nativeBuildInputs = old.nativeBuildInputs ++ [ pkgs.clippy ];
+            buildPhase = ''
+              runHook preBuild
+              cargo clippy --offline --workspace --all-targets -- -D warnings
+              runHook postBuild
+            '';
+            doCheck = false;
+            installPhase = "touch $out";
+          });
+          vm-gateway = vmTest ./nixos/tests/gateway.nix;
+          vm-remote-database = vmTest ./nixos/tests/remote-database.nix;
+        }
+      );
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          packages = with pkgs; [
+            cargo
+            rustc
+            clippy
+            rustfmt
+            rust-analyzer
+            mariadb
+            mosquitto
+            nixfmt
+            deadnix
+          ];
+        };
+      });
+
+      formatter = forAllSystems (pkgs: pkgs.nixfmt);
+    };
+}
