@@ -174,7 +174,7 @@ impl Bench {
             messages,
             seconds,
             cpu_seconds: cpu_seconds(gateway.pid()) - cpu_before,
-            peak_rss_kib: peak_rss_kib(gateway.pid()),
+            peak_rss_kib: testkit::proc_status_kib(gateway.pid(), "VmHWM"),
             latency_ms: None,
         })
     }
@@ -225,7 +225,7 @@ impl Bench {
             messages,
             seconds,
             cpu_seconds: cpu_seconds(gateway.pid()) - cpu_before,
-            peak_rss_kib: peak_rss_kib(gateway.pid()),
+            peak_rss_kib: testkit::proc_status_kib(gateway.pid(), "VmHWM"),
             latency_ms: Some((pick(0.5), pick(0.99))),
         })
     }
@@ -281,15 +281,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / per_second
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn report(runs: &[Run], window: u32) -> anyhow::Result<()> {

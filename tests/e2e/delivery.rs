@@ -89,14 +89,14 @@ async fn a_database_outage_holds_messages_and_loses_none() {
     let mut gateway = env.start().await;
     publish_numbered(shared().broker.port, topic.clone(), 1..=500, "").await;
     env.wait_distinct("F", 500, WAIT).await;
-    let rss_before = rss_kib(gateway.pid());
+    let rss_before = testkit::proc_status_kib(gateway.pid(), "VmRSS");
 
     server.stop();
     let during = tokio::spawn(publish_numbered(shared().broker.port, topic.clone(), 501..=3_000, ""));
     wait_log(&gateway, "Database unavailable, holding").await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(gateway.is_running(), "a database outage never stops the gateway");
-    let rss_during = rss_kib(gateway.pid());
+    let rss_during = testkit::proc_status_kib(gateway.pid(), "VmRSS");
     server.restart().unwrap();
     during.await.unwrap();
 

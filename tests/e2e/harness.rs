@@ -263,16 +263,6 @@ pub async fn publish_numbered(
     publisher.flush(Duration::from_secs(120)).await.expect("broker acks");
 }
 
-/// The resident memory of a process, in KiB.
-pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Waits for the gateway to exit and returns its status code.
 pub async fn exit_code(gateway: &mut Gateway) -> i32 {
     for _ in 0..(WAIT.as_millis() / 20) {

@@ -37,6 +37,14 @@ pub fn register(pid: u32, dir: &Path) {
     REGISTERED.lock().unwrap_or_else(|p| p.into_inner()).push((pid, dir.to_owned()));
 }
 
+/// Stops a service gracefully (SIGTERM, so it can save its state), waits for it, forgets it.
+pub fn terminate(mut child: std::process::Child) {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    release(child.id(), None);
+}
+
 /// Forgets a service its owner has stopped and reaped, and removes its directory if given.
 pub fn release(pid: u32, dir: Option<&Path>) {
     REGISTERED.lock().unwrap_or_else(|p| p.into_inner()).retain(|(p, _)| *p != pid);

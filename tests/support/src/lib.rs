@@ -64,6 +64,16 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A `kB` field of `/proc/<pid>/status`, such as `VmRSS` (resident now) or `VmHWM` (peak).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.
 fn wait_for_port(port: u16, limit: Duration) -> bool {
     wait_until(limit, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())

@@ -93,11 +93,8 @@ impl MariaDb {
 
     /// Shuts the server down cleanly (SIGTERM), keeping its data.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-            cleanup::release(child.id(), None);
+        if let Some(child) = self.child.take() {
+            cleanup::terminate(child);
         }
     }
 

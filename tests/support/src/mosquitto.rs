@@ -73,11 +73,8 @@ impl Mosquitto {
 
     /// Stops the broker gracefully (SIGTERM), so it writes its persistence file.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-            cleanup::release(child.id(), None);
+        if let Some(child) = self.child.take() {
+            cleanup::terminate(child);
         }
     }
 
