@@ -16,12 +16,13 @@
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
 //! - [`logging`]: the original's log format, stderr and daily files; journald and JSON.
 //! - [`health`] and [`systemd`]: heartbeats, readiness, status, watchdog.
-//! - [`app`]: startup in the original's order, and an orderly shutdown.
+//! - [`app`]: startup in the original's order, and an orderly shutdown; [`cli`]: the subcommands.
 //! - [`backoff`]: capped exponential backoff with jitter; [`tls`]: crypto provider, broker TLS.
 
 pub mod app;
 pub mod backoff;
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod flows;

@@ -1,7 +1,9 @@
 //! The `mqtt-gateway` binary: reads the configuration, sets up logging, runs the gateway until
 //! SIGTERM or SIGINT, and turns the outcome into the original's exit status.
 
+use clap::Parser;
 use mqtt_gateway::app::{self, RunError};
+use mqtt_gateway::cli::{Cli, Command};
 use mqtt_gateway::config::Settings;
 use mqtt_gateway::logging;
 use std::process::ExitCode;
@@ -12,6 +14,35 @@ use tokio_util::sync::CancellationToken;
 const THREAD_STACK: usize = 8 * 1024 * 1024;
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None | Some(Command::Run) => run_service(),
+        Some(command) => run_command(command),
+    }
+}
+
+/// A subcommand: one clear line on failure, and a non-zero exit code.
+fn run_command(command: Command) -> ExitCode {
+    let _ = logging::init(None, logging::Format::Text);
+    let outcome = Settings::from_env().map_err(anyhow::Error::new).and_then(|settings| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(mqtt_gateway::cli::execute(settings, command))
+    });
+    match outcome {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The service, as the Python one ran: configuration, logging, then the gateway until a stop
+/// signal.
+fn run_service() -> ExitCode {
     let format = match logging::Format::from_env() {
         Ok(format) => format,
         Err(error) => {

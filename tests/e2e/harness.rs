@@ -103,6 +103,16 @@ impl TestEnv {
         format!("{}/{rest}", self.name)
     }
 
+    /// Runs a subcommand to completion: `(exit code, stdout, stderr)`.
+    pub fn command(&self, args: &[&str]) -> (i32, String, String) {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
+        command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        let out =
+            command.envs(self.vars.iter().map(|(k, v)| (k, v))).args(args).output().expect("run the CLI");
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    }
+
     pub fn spawn(&self) -> Gateway {
         Gateway::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_mqtt-gateway")), &self.vars)
             .expect("spawn the gateway")

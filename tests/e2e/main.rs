@@ -8,6 +8,7 @@ mod harness;
 
 mod bad_input;
 mod broker;
+mod cli;
 mod delivery;
 mod logs;
 mod post_endpoint;
