@@ -37,6 +37,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .context("cannot install the SIGHUP handler")
         .map_err(RunError::Startup)?;
 
+    // Before anything records; the listener itself starts once the database is there.
+    let prometheus = match settings.metrics_addr {
+        Some(_) => {
+            Some(crate::metrics::install().context("cannot set up metrics").map_err(RunError::Startup)?)
+        }
+        None => None,
+    };
     let db = &settings.db;
     let pool = db::connect(db)
         .await
@@ -49,7 +56,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             }
         })
         .map_err(RunError::Startup)?;
-    let outcome = run_with_pool(&settings, pool.clone(), hangup, shutdown).await;
+    let outcome = run_with_pool(&settings, pool.clone(), hangup, shutdown, prometheus).await;
     pool.close().await;
     outcome
 }
@@ -59,6 +66,7 @@ async fn run_with_pool(
     pool: sqlx::MySqlPool,
     hangup: tokio::signal::unix::Signal,
     shutdown: CancellationToken,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> Result<(), RunError> {
     let startup = |e: anyhow::Error| RunError::Startup(e);
     db::migrate(&pool).await.context("cannot create the tables").map_err(startup)?;
@@ -91,6 +99,16 @@ async fn run_with_pool(
     let (flows_tx, flows_rx) = watch::channel(Arc::new(flows));
     let (messages_tx, messages_rx) = mpsc::channel(settings.max_in_flight);
     let health = Arc::new(Health::default());
+    crate::metrics::record_flows(&flows_rx.borrow());
+    let metrics_server = match (settings.metrics_addr, prometheus) {
+        (Some(addr), Some(prometheus)) => Some(
+            crate::metrics::serve(addr, prometheus, Arc::clone(&health), pool.clone(), shutdown.clone())
+                .await
+                .with_context(|| format!("cannot listen on METRICS_ADDR {addr}"))
+                .map_err(startup)?,
+        ),
+        _ => None,
+    };
     let (mut session, client, acker) = BrokerSession::new(
         options,
         subscriptions.clone(),
@@ -146,6 +164,7 @@ async fn run_with_pool(
             flows.filters().len(),
             session.address()
         );
+        health.set_ready();
         systemd::ready(&systemd::describe(&health, &flows));
     }
     let supervise = tokio::spawn(systemd::supervise(Arc::clone(&health), flows_rx.clone(), shutdown.clone()));
@@ -155,6 +174,9 @@ async fn run_with_pool(
     let _ = reload.await;
     let _ = outbox.await;
     let _ = supervise.await;
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     tracing::info!("Gateway stopped");
     Ok(())
 }

@@ -69,6 +69,7 @@ struct Raw {
     #[serde(default)]
     mqtt_clean_session: bool,
     mqtt_shared_group: Option<String>,
+    metrics_addr: Option<String>,
     #[serde(default)]
     mqtt_tls: bool,
     mqtt_ca_file: Option<PathBuf>,
@@ -157,6 +158,8 @@ pub struct Settings {
     pub max_in_flight: usize,
     pub batch: BatchSettings,
     pub delivery: DeliverySettings,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; off when `None`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Group commit of STORE_DB (and outbox) writes.
@@ -279,6 +282,13 @@ impl Settings {
                 reason: "must be at least 0.1".into(),
             });
         }
+        let metrics_addr = match raw.metrics_addr.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+            None => None,
+            Some(addr) => Some(addr.parse().map_err(|e| ConfigError::Invalid {
+                name: "METRICS_ADDR".into(),
+                reason: format!("{addr:?} is not an address and port like 127.0.0.1:9464: {e}"),
+            })?),
+        };
         let client_id_explicit = raw.mqtt_client_id.is_some();
         let client_id = match (&raw.mqtt_client_id, &shared_group) {
             (Some(id), _) => id.clone(),
@@ -326,6 +336,7 @@ impl Settings {
             reload_interval: Duration::from_secs(raw.flows_reload_interval_seconds.max(1) as u64),
             default_broker: (raw.mqtt_default_host, raw.mqtt_default_port),
             max_in_flight: raw.max_in_flight,
+            metrics_addr,
             batch: BatchSettings {
                 max_messages: raw.batch_max_messages,
                 max_delay: Duration::from_millis(raw.batch_max_delay_ms),

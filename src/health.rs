@@ -2,7 +2,7 @@
 //! here as they make progress; the processor counts what it wrote and says what it is waiting
 //! for. The systemd watchdog and status lines read it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,9 @@ pub struct Health {
     processor: AtomicU64,
     processed: AtomicU64,
     waiting_for: Mutex<Option<String>>,
+    broker_connected: AtomicBool,
+    /// Startup is complete: subscribed, flows loaded.
+    ready: AtomicBool,
 }
 
 impl Default for Health {
@@ -26,6 +29,8 @@ impl Default for Health {
             processor: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             waiting_for: Mutex::new(None),
+            broker_connected: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
         }
     }
 }
@@ -58,6 +63,23 @@ impl Health {
 
     pub fn waiting_for(&self) -> Option<String> {
         self.waiting_for.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_broker_connected(&self, connected: bool) {
+        self.broker_connected.store(connected, Ordering::Relaxed);
+        metrics::gauge!("mqtt_gateway_broker_connected").set(if connected { 1.0 } else { 0.0 });
+    }
+
+    pub fn broker_connected(&self) -> bool {
+        self.broker_connected.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 
     /// Which part, if any, has not turned its loop within `limit`.

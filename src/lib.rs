@@ -15,7 +15,8 @@
 //! - [`db`]: the pool, migrations, and queries on `mqtt_servers` and `flows`.
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
 //! - [`logging`]: the original's log format, stderr and daily files; journald and JSON.
-//! - [`health`] and [`systemd`]: heartbeats, readiness, status, watchdog.
+//! - [`health`] and [`systemd`]: heartbeats, readiness, status, watchdog; [`metrics`]:
+//!   Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`app`]: startup in the original's order, and an orderly shutdown; [`cli`]: the subcommands.
 //! - [`backoff`]: capped exponential backoff with jitter; [`tls`]: crypto provider, broker TLS.
 
@@ -28,6 +29,7 @@ pub mod db;
 pub mod flows;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
 pub mod processor;

@@ -210,7 +210,10 @@ impl BrokerSession {
                 event = self.eventloop.poll() => event,
             };
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    self.health.set_broker_connected(true);
+                    break;
+                }
                 Ok(_) => {}
                 Err(ConnectionError::ConnectionRefused(code)) => {
                     tracing::error!("MQTT connection failed with reason code: {}", return_code(code));
@@ -307,6 +310,8 @@ impl BrokerSession {
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 tracing::info!("Reconnected to MQTT broker {}", self.address);
+                self.health.set_broker_connected(true);
+                metrics::counter!("mqtt_gateway_broker_reconnects_total").increment(1);
                 self.generation += 1;
                 self.backoff.reset();
                 let filters = self.flows.borrow().filters();
@@ -328,9 +333,11 @@ impl BrokerSession {
             Ok(_) => None,
             Err(ConnectionError::ConnectionRefused(code)) => {
                 tracing::error!("MQTT connection failed with reason code: {}", return_code(code));
+                self.health.set_broker_connected(false);
                 Some(self.backoff.step())
             }
             Err(error) => {
+                self.health.set_broker_connected(false);
                 let delay = self.backoff.step();
                 tracing::warn!(
                     "Lost connection to MQTT broker {}: {error}{}; reconnecting in {:.1}s",
@@ -348,6 +355,7 @@ impl BrokerSession {
         if self.messages.is_none() {
             return;
         }
+        metrics::counter!("mqtt_gateway_messages_received_total").increment(1);
         let ack = AckToken { generation: self.generation, pkid: publish.pkid, qos: publish.qos };
         self.overflow.push_back(Message { publish, ack });
         self.pass_on();

@@ -265,7 +265,23 @@ impl Outbox {
     async fn send(&self, request: &Request) -> Result<(), Failure> {
         let endpoint = self.endpoint_limit(&request.url);
         let _permit = endpoint.acquire().await.expect("endpoint semaphores are never closed");
-        post(&self.http, &request.url, request.body.clone()).await
+        let started = std::time::Instant::now();
+        let result = post(&self.http, &request.url, request.body.clone()).await;
+        let host = url::Url::parse(&request.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default();
+        let class = match &result {
+            Ok(()) => "2xx",
+            Err(Failure { error: PostError::Status { code, .. }, .. }) if *code >= 500 => "5xx",
+            Err(Failure { error: PostError::Status { code, .. }, .. }) if *code >= 400 => "4xx",
+            Err(Failure { error: PostError::Status { .. }, .. }) => "other",
+            Err(_) => "error",
+        };
+        metrics::histogram!("mqtt_gateway_http_request_seconds", "host" => host.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("mqtt_gateway_http_responses_total", "host" => host, "class" => class).increment(1);
+        result
     }
 
     fn endpoint_limit(&self, url: &str) -> Arc<Semaphore> {

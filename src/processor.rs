@@ -200,6 +200,10 @@ impl Processor {
             match outcome {
                 Outcome::FlowGone => report(item, &format!("flow {} no longer exists", item.flow.id)),
                 Outcome::Written(msg_id) => {
+                    metrics::counter!("mqtt_gateway_messages_processed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
+                        .increment(1);
+                    metrics::gauge!("mqtt_gateway_last_message_timestamp_seconds", "flow" => item.flow.code.clone())
+                        .set(Utc::now().timestamp() as f64);
                     tracing::debug!(flow_code = %item.flow.code, msg_id, "Flow {} took message {msg_id}", item.flow.code);
                     match &item.effect {
                         Effect::Post { url, body: Err(error) } => tracing::error!(
@@ -230,6 +234,7 @@ impl Processor {
                 Ok(payload) => payload,
                 Err(error) => {
                     tracing::error!(topic, "Invalid payload in topic {topic}: {error}");
+                    metrics::counter!("mqtt_gateway_messages_invalid_total").increment(1);
                     continue;
                 }
             };
@@ -262,7 +267,13 @@ impl Processor {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut failing_since: Option<Instant> = None;
         loop {
-            match batch::write(&self.pool, received_at, items, which).await {
+            let attempt = Instant::now();
+            let written = batch::write(&self.pool, received_at, items, which).await;
+            if written.is_ok() {
+                metrics::histogram!("mqtt_gateway_commit_seconds").record(attempt.elapsed().as_secs_f64());
+                metrics::histogram!("mqtt_gateway_batch_messages").record(which.len() as f64);
+            }
+            match written {
                 Err(error) if batch::is_transient(&error) => {
                     let delay = backoff.step();
                     if failing_since.is_none() {
@@ -300,6 +311,8 @@ impl Processor {
 
 /// The original's per-flow failure line.
 fn report(item: &Item, reason: &str) {
+    metrics::counter!("mqtt_gateway_messages_failed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
+        .increment(1);
     tracing::error!(
         flow_code = %item.flow.code,
         topic = %item.topic,

@@ -80,6 +80,7 @@ impl Reloader {
 
     pub async fn reload(&mut self) -> Result<(), sqlx::Error> {
         let next = FlowSet::from_rows(db::enabled_flows(&self.pool).await?);
+        crate::metrics::record_flows(&next);
         self.report_broken(&next.broken);
         let before = self.flows.borrow().filters();
         let after = next.filters();

@@ -11,6 +11,7 @@ mod broker;
 mod cli;
 mod delivery;
 mod logs;
+mod metrics;
 mod post_endpoint;
 mod reload;
 mod shutdown;

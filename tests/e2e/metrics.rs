@@ -1,0 +1,70 @@
+//! `METRICS_ADDR`: Prometheus metrics, liveness and readiness over HTTP.
+
+use crate::harness::*;
+use testkit::Mosquitto;
+
+async fn get(url: &str) -> (u16, String) {
+    mqtt_gateway::tls::install_crypto_provider();
+    let response = reqwest::get(url).await.expect("GET");
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn metrics_health_and_readiness_tell_the_truth() {
+    let mut broker = Mosquitto::start_with("allow_anonymous true\n").unwrap();
+    let mut env = TestEnv::new().await;
+    let port = testkit::free_port();
+    env.set("METRICS_ADDR", format!("127.0.0.1:{port}"));
+    env.set("MQTT_DEFAULT_PORT", broker.port.to_string());
+    let topic = env.topic("t");
+    env.add_flow("F", &topic, "STORE_DB", r#"{"v": "int"}"#, None).await;
+    let _gateway = env.start().await;
+    let base = format!("http://127.0.0.1:{port}");
+
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{base}/readyz")).await, (200, "ready\n".to_owned()));
+
+    publish_to(broker.port, &topic, &[br#"{"v": 1}"#, br#"{"v": "x"}"#, b"not json"]).await;
+    env.wait_counter("F", 1).await;
+    let wanted = [
+        "mqtt_gateway_messages_received_total 3",
+        "mqtt_gateway_messages_invalid_total 1",
+        r#"mqtt_gateway_messages_processed_total{flow="F",action="STORE_DB"} 1"#,
+        r#"mqtt_gateway_messages_failed_total{flow="F",action="STORE_DB"} 1"#,
+        "mqtt_gateway_broker_connected 1",
+        "mqtt_gateway_flows_loaded 1",
+        "mqtt_gateway_commit_seconds_bucket",
+        r#"mqtt_gateway_last_message_timestamp_seconds{flow="F"}"#,
+    ];
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = get(&format!("{base}/metrics")).await.1;
+        if wanted.iter().all(|w| text.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for w in wanted {
+        assert!(text.contains(w), "missing {w} in:\n{text}");
+    }
+
+    broker.stop();
+    let mut answer = (0, String::new());
+    for _ in 0..100 {
+        answer = get(&format!("{base}/readyz")).await;
+        if answer.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer, (503, "not ready: the MQTT broker is not connected\n".to_owned()));
+}
+
+#[tokio::test]
+async fn a_bad_metrics_address_is_fatal_and_named() {
+    let mut env = TestEnv::empty().await;
+    env.set("METRICS_ADDR", "everywhere");
+    let mut gateway = env.spawn();
+    assert_eq!(exit_code(&mut gateway).await, 1);
+    assert!(gateway.logs().contains("invalid environment variable METRICS_ADDR"), "{}", gateway.logs());
+}
