@@ -29,9 +29,22 @@ struct Endpoints {
     pool: MySqlPool,
 }
 
-/// Installs the recorder; call before anything records.
+/// Installs the recorder; call before anything records. The unlabelled series exist from the
+/// start, at zero, so that dashboards and alerts see them before the first event.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
-    Ok(PrometheusBuilder::new().set_buckets(&BUCKETS)?.install_recorder()?)
+    let handle = PrometheusBuilder::new().set_buckets(&BUCKETS)?.install_recorder()?;
+    for counter in [
+        "mqtt_gateway_messages_received_total",
+        "mqtt_gateway_messages_invalid_total",
+        "mqtt_gateway_broker_reconnects_total",
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
+    for gauge in ["mqtt_gateway_broker_connected", "mqtt_gateway_outbox_pending", "mqtt_gateway_outbox_dead"]
+    {
+        metrics::gauge!(gauge).set(0.0);
+    }
+    Ok(handle)
 }
 
 /// Serves until shutdown.

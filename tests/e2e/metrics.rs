@@ -18,6 +18,8 @@ async fn metrics_health_and_readiness_tell_the_truth() {
     env.set("MQTT_DEFAULT_PORT", broker.port.to_string());
     let topic = env.topic("t");
     env.add_flow("F", &topic, "STORE_DB", r#"{"v": "int"}"#, None).await;
+    let path = format!("/{}/metrics-post", env.name);
+    env.add_flow("P", &topic, "POST_ENDPOINT", "{}", Some(&shared().echo.url(&path))).await;
     let _gateway = env.start().await;
     let base = format!("http://127.0.0.1:{port}");
 
@@ -28,12 +30,18 @@ async fn metrics_health_and_readiness_tell_the_truth() {
     env.wait_counter("F", 1).await;
     let wanted = [
         "mqtt_gateway_messages_received_total 3",
+        "mqtt_gateway_flows_broken 0",
         "mqtt_gateway_messages_invalid_total 1",
         r#"mqtt_gateway_messages_processed_total{flow="F",action="STORE_DB"} 1"#,
         r#"mqtt_gateway_messages_failed_total{flow="F",action="STORE_DB"} 1"#,
         "mqtt_gateway_broker_connected 1",
-        "mqtt_gateway_flows_loaded 1",
+        "mqtt_gateway_flows_loaded 2",
         "mqtt_gateway_commit_seconds_bucket",
+        "mqtt_gateway_batch_messages_bucket",
+        "mqtt_gateway_http_request_seconds_bucket",
+        r#"class="2xx""#,
+        "mqtt_gateway_outbox_pending",
+        "mqtt_gateway_broker_reconnects_total 0",
         r#"mqtt_gateway_last_message_timestamp_seconds{flow="F"}"#,
     ];
     let mut text = String::new();
@@ -46,6 +54,21 @@ async fn metrics_health_and_readiness_tell_the_truth() {
     }
     for w in wanted {
         assert!(text.contains(w), "missing {w} in:\n{text}");
+    }
+
+    // The Grafana dashboard in the repository queries only series the gateway exports.
+    let dashboard =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana/mqtt-gateway.json"))
+            .unwrap();
+    let mut names: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("mqtt_gateway_"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        assert!(text.contains(name), "the dashboard queries {name}, which /metrics does not have:\n{text}");
     }
 
     broker.stop();

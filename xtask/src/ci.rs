@@ -38,7 +38,17 @@ pub fn ci() -> anyhow::Result<()> {
 
 pub fn e2e() -> anyhow::Result<()> {
     services::require_installed()?;
-    cargo("end-to-end tests", &["test", "--test", "e2e"])
+    cargo("end-to-end tests", &["test", "--test", "e2e"])?;
+    demo(&["--check"])
+}
+
+/// The demo: everything set up, the gateway running, sample readings through both actions.
+/// With `--check` it verifies what it shows and exits.
+pub fn demo(args: &[&str]) -> anyhow::Result<()> {
+    cargo("build the gateway", &["build", "--bin", "mqtt-gateway"])?;
+    let mut run = vec!["run", "--quiet", "--example", "demo", "--"];
+    run.extend_from_slice(args);
+    cargo("demo", &run)
 }
 
 pub fn bench() -> anyhow::Result<()> {

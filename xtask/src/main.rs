@@ -3,6 +3,7 @@
 //! - `ci`: everything CI checks: formatting, clippy, unit tests, end-to-end tests.
 //! - `e2e`: the end-to-end tests against real MariaDB, Mosquitto and HTTP servers.
 //! - `bench`: throughput, latency, CPU and memory against the same real services.
+//! - `demo`: the gateway working against real services, in one command.
 //! - `nix-check`: parse, format and dead-code checks of the Nix files, and the flake lock.
 //!
 //! Each task runs cargo commands and stops at the first failure with a readable message.
@@ -21,6 +22,9 @@ tasks:
   e2e        end-to-end tests: the real binary against real MariaDB, Mosquitto and HTTP servers
   bench      throughput, latency, CPU and memory (BENCH_MESSAGES=100000 scales it); writes
              target/bench/throughput.json
+  demo       start MariaDB, Mosquitto and an echo server, run the gateway with sample flows and
+             readings, show the rows, counters and POSTs, keep running until Ctrl-C
+             (--check: verify and exit)
   nix-check  nix-instantiate --parse, nixfmt --check, deadnix --fail on every .nix file, and
              nix flake metadata --offline against flake.lock
 ";
@@ -32,6 +36,10 @@ fn main() -> ExitCode {
         Some("e2e") => ci::e2e(),
         Some("bench") => ci::bench(),
         Some("nix-check") => nix::check(),
+        Some("demo") => {
+            let rest: Vec<String> = std::env::args().skip(2).collect();
+            ci::demo(&rest.iter().map(String::as_str).collect::<Vec<_>>())
+        }
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
