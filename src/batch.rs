@@ -67,6 +67,25 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Records that these flows just took messages, in one statement.
+async fn note_activity(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    flows: impl Iterator<Item = i32>,
+) -> Result<(), sqlx::Error> {
+    let flows: Vec<i32> = flows.collect();
+    if flows.is_empty() {
+        return Ok(());
+    }
+    let mut upsert =
+        sqlx::QueryBuilder::<sqlx::MySql>::new("INSERT INTO gateway_flow_stats (flow_id, last_message_at) ");
+    upsert.push_values(&flows, |mut row, flow| {
+        row.push_bind(*flow).push("UTC_TIMESTAMP(3)");
+    });
+    upsert.push(" ON DUPLICATE KEY UPDATE last_message_at = VALUES(last_message_at)");
+    upsert.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
 /// Writes `items` (indexes into `all`) in one transaction and returns each one's outcome.
 pub async fn write(
     pool: &MySqlPool,
@@ -129,6 +148,7 @@ pub async fn write(
     }
     store_db::insert(&mut tx, received_at, &data_rows).await?;
     post_endpoint::enqueue(&mut tx, &outbox_rows).await?;
+    note_activity(&mut tx, next_id.keys().copied()).await?;
     tx.commit().await?;
     Ok(outcomes)
 }

@@ -43,10 +43,14 @@ pub enum Command {
     /// List, show, add, enable or disable flows
     #[command(subcommand)]
     Flows(FlowsCommand),
-    /// Per flow, the counter; and the outbox's pending and dead requests
+    /// Per flow: the counter, the last message time and the current rate; the outbox's pending
+    /// and dead requests
     ///
-    /// Example: mqtt-gateway status --json
+    /// Example: mqtt-gateway status --interval 5 --json
     Status {
+        /// Seconds over which the rate is measured
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
         #[arg(long)]
         json: bool,
     },
@@ -133,7 +137,7 @@ pub async fn execute(settings: Settings, command: Command) -> anyhow::Result<i32
         }
         Command::Check { json } => check(&settings, &pool, json).await?,
         Command::Flows(flows) => flows_command(&pool, flows).await?,
-        Command::Status { json } => status(&pool, json).await?,
+        Command::Status { interval, json } => status(&pool, interval, json).await?,
         Command::Outbox(outbox) => outbox_command(&pool, outbox).await?,
     };
     pool.close().await;
@@ -280,8 +284,22 @@ async fn set_enabled(pool: &MySqlPool, code: &str, enabled: bool) -> anyhow::Res
     Ok(0)
 }
 
-async fn status(pool: &MySqlPool, json: bool) -> anyhow::Result<i32> {
+async fn status(pool: &MySqlPool, interval: f64, json: bool) -> anyhow::Result<i32> {
+    if !(interval.is_finite() && interval > 0.0) {
+        bail!("--interval must be a positive number of seconds");
+    }
+    let before = all_flows(pool).await?;
+    tokio::time::sleep(Duration::from_secs_f64(interval)).await;
     let flows = all_flows(pool).await?;
+    let rate = |f: &FlowListing| -> f64 {
+        let earlier = before.iter().find(|b| b.id == f.id).map_or(f.last_msg_id, |b| b.last_msg_id);
+        f64::from(f.last_msg_id - earlier) / interval
+    };
+    let last: Vec<(i32, String)> =
+        sqlx::query_as("SELECT flow_id, CAST(last_message_at AS CHAR) FROM gateway_flow_stats")
+            .fetch_all(pool)
+            .await?;
+    let last_at = |id: i32| last.iter().find(|(f, _)| *f == id).map(|(_, at)| at.clone());
     let outbox = sqlx::query(
         "SELECT flow_code, CAST(SUM(NOT dead) AS SIGNED), CAST(SUM(dead) AS SIGNED) FROM gateway_outbox GROUP BY flow_code",
     )
@@ -300,18 +318,28 @@ async fn status(pool: &MySqlPool, json: bool) -> anyhow::Result<i32> {
             .map(|f| {
                 let (pending, dead) = depth(&f.code);
                 json!({"code": f.code, "enabled": f.enabled, "last_msg_id": f.last_msg_id,
+                       "last_message_at_utc": last_at(f.id), "messages_per_second": rate(f),
                        "outbox_pending": pending, "outbox_dead": dead})
             })
             .collect();
         println!("{}", json!({ "flows": rows }));
     } else {
         println!(
-            "{:<24} {:<8} {:>12} {:>15} {:>12}",
-            "flow", "enabled", "last_msg_id", "outbox pending", "outbox dead"
+            "{:<24} {:<8} {:>12} {:<24} {:>8} {:>15} {:>12}",
+            "flow", "enabled", "last_msg_id", "last message (UTC)", "msg/s", "outbox pending", "outbox dead"
         );
         for f in &flows {
             let (pending, dead) = depth(&f.code);
-            println!("{:<24} {:<8} {:>12} {:>15} {:>12}", f.code, f.enabled, f.last_msg_id, pending, dead);
+            println!(
+                "{:<24} {:<8} {:>12} {:<24} {:>8.1} {:>15} {:>12}",
+                f.code,
+                f.enabled,
+                f.last_msg_id,
+                last_at(f.id).unwrap_or_else(|| "-".into()),
+                rate(f),
+                pending,
+                dead
+            );
         }
     }
     Ok(0)

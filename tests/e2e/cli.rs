@@ -55,12 +55,12 @@ async fn migrate_creates_the_tables() {
     assert!(out.contains("up to date"));
     let tables: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() \
-         AND table_name IN ('flows', 'data', 'mqtt_servers', 'gateway_outbox')",
+         AND table_name IN ('flows', 'data', 'mqtt_servers', 'gateway_outbox', 'gateway_flow_stats')",
     )
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    assert_eq!(tables, 4);
+    assert_eq!(tables, 5);
 }
 
 #[tokio::test]
@@ -74,10 +74,14 @@ async fn status_and_outbox_show_and_retry_dead_requests() {
     publish(&topic, &[br#"{"v": 1}"#]).await;
     wait_log(&gateway, "Giving up on request").await;
 
-    let (_, status, _) = env.command(&["status", "--json"]);
+    let (_, status, _) = env.command(&["status", "--interval", "0.1", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["flows"][0]["last_msg_id"], 1);
     assert_eq!(status["flows"][0]["outbox_dead"], 1);
+    assert_eq!(status["flows"][0]["messages_per_second"], 0.0);
+    let last = status["flows"][0]["last_message_at_utc"].as_str().expect("a last message time");
+    let last = chrono::NaiveDateTime::parse_from_str(last, "%Y-%m-%d %H:%M:%S%.f").unwrap();
+    assert!((chrono::Utc::now().naive_utc() - last).num_seconds() < 60, "{last}");
     let (_, dead, _) = env.command(&["outbox", "list", "--dead", "--json"]);
     let dead: serde_json::Value = serde_json::from_str(&dead).unwrap();
     assert_eq!(dead[0]["attempts"], 3);
@@ -129,4 +133,31 @@ async fn a_subcommand_error_is_one_line_and_non_zero() {
     let (code, out, err) = env.command(&["flows", "list"]);
     assert_eq!((code, out.as_str()), (1, ""));
     assert_eq!(err.trim(), "error: missing environment variable DB_HOST (or DB_SOCKET)");
+}
+
+#[tokio::test]
+async fn status_measures_each_flows_rate() {
+    let env = TestEnv::new().await;
+    let topic = env.topic("t");
+    env.add_flow("BUSY", &topic, "STORE_DB", "{}", None).await;
+    env.add_flow("IDLE", &env.topic("idle"), "STORE_DB", "{}", None).await;
+    let _gateway = env.start().await;
+    let vars = env.vars.clone();
+    let measuring = tokio::task::spawn_blocking(move || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
+        command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        let out = command.envs(vars).args(["status", "--interval", "2", "--json"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let payloads: Vec<String> = (1..=20).map(|i| format!(r#"{{"i": {i}}}"#)).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_bytes()).collect();
+    publish(&topic, &refs).await;
+    let status: serde_json::Value = serde_json::from_str(&measuring.await.unwrap()).unwrap();
+    let flows = status["flows"].as_array().unwrap();
+    let rate = |code: &str| {
+        flows.iter().find(|f| f["code"] == code).unwrap()["messages_per_second"].as_f64().unwrap()
+    };
+    assert!(rate("BUSY") >= 5.0, "20 messages within the 2 s window: {status}");
+    assert_eq!(rate("IDLE"), 0.0);
 }
