@@ -10,7 +10,7 @@
 //! digits (Python ints are unbounded) and floats are parsed once, here, with the same
 //! round-to-nearest rule as Python's `float()`.
 
-use serde_json::{Number, Value};
+use serde_json::{Map, Number, Value};
 use std::fmt::Write;
 
 /// Why a payload cannot be rendered the way Python would.
@@ -43,6 +43,13 @@ pub fn attribute_value(value: &Value) -> String {
 pub fn request_body(value: &Value) -> Result<String, RenderError> {
     let mut out = String::new();
     dumps_into(&mut out, value, Ascii::Escape, NonFinite::Refuse)?;
+    Ok(out)
+}
+
+/// [`request_body`] of a payload object, without building a `Value` around it.
+pub fn request_body_of(payload: &Map<String, Value>) -> Result<String, RenderError> {
+    let mut out = String::new();
+    object_into(&mut out, payload, Ascii::Escape, NonFinite::Refuse)?;
     Ok(out)
 }
 
@@ -82,19 +89,27 @@ fn dumps_into(out: &mut String, value: &Value, ascii: Ascii, nf: NonFinite) -> R
             }
             out.push(']');
         }
-        Value::Object(map) => {
-            out.push('{');
-            for (i, (key, item)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                quote_into(out, key, ascii);
-                out.push_str(": ");
-                dumps_into(out, item, ascii, nf)?;
-            }
-            out.push('}');
-        }
+        Value::Object(map) => object_into(out, map, ascii, nf)?,
     }
+    Ok(())
+}
+
+fn object_into(
+    out: &mut String,
+    map: &Map<String, Value>,
+    ascii: Ascii,
+    nf: NonFinite,
+) -> Result<(), RenderError> {
+    out.push('{');
+    for (i, (key, item)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        quote_into(out, key, ascii);
+        out.push_str(": ");
+        dumps_into(out, item, ascii, nf)?;
+    }
+    out.push('}');
     Ok(())
 }
 
@@ -250,6 +265,12 @@ mod tests {
     #[case(r#"{"a":[1,2,{"b":null}]}"#, r#"{"a": [1, 2, {"b": null}]}"#)]
     fn request_body_matches_python_json_dumps(#[case] json: &str, #[case] expected: &str) {
         assert_eq!(request_body(&parse(json)).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_payload_object_renders_like_its_value() {
+        let value = parse(r#"{"t": 21.0, "n": "é", "l": [1, {"a": null}]}"#);
+        assert_eq!(request_body_of(value.as_object().unwrap()), request_body(&value));
     }
 
     #[test]

@@ -12,7 +12,7 @@ const ROWS_PER_INSERT: usize = 1_000;
 /// The body `requests.post(url, json=payload)` sent, or why it could not be built (the
 /// original then logged a posting error, with the counter already incremented).
 pub fn body(payload: &Map<String, Value>) -> Result<String, pyfmt::RenderError> {
-    pyfmt::request_body(&Value::Object(payload.clone()))
+    pyfmt::request_body_of(payload)
 }
 
 /// One request to queue.

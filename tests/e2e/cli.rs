@@ -143,12 +143,8 @@ async fn status_measures_each_flows_rate() {
     env.add_flow("IDLE", &env.topic("idle"), "STORE_DB", "{}", None).await;
     let _gateway = env.start().await;
     let vars = env.vars.clone();
-    let measuring = tokio::task::spawn_blocking(move || {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
-        command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
-        let out = command.envs(vars).args(["status", "--interval", "2", "--json"]).output().unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    });
+    let measuring =
+        tokio::task::spawn_blocking(move || run_cli(&vars, &["status", "--interval", "2", "--json"]).1);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let payloads: Vec<String> = (1..=20).map(|i| format!(r#"{{"i": {i}}}"#)).collect();
     let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_bytes()).collect();

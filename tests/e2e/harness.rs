@@ -105,12 +105,7 @@ impl TestEnv {
 
     /// Runs a subcommand to completion: `(exit code, stdout, stderr)`.
     pub fn command(&self, args: &[&str]) -> (i32, String, String) {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
-        command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
-        let out =
-            command.envs(self.vars.iter().map(|(k, v)| (k, v))).args(args).output().expect("run the CLI");
-        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+        run_cli(&self.vars, args)
     }
 
     pub fn spawn(&self) -> Gateway {
@@ -222,6 +217,15 @@ impl Drop for TestEnv {
         }
         let _ = shared().db.sql(&format!("DROP DATABASE IF EXISTS `{}`", self.name));
     }
+}
+
+/// Runs the binary with exactly these variables (and PATH) and arguments, to completion.
+pub fn run_cli(vars: &[(String, String)], args: &[&str]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
+    command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    let out = command.envs(vars.iter().map(|(k, v)| (k, v))).args(args).output().expect("run the CLI");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
 
 /// Polls `check` until it holds; panics with `what` after [`WAIT`].
