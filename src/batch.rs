@@ -5,19 +5,18 @@
 //! their `data` rows and outbox requests go in with multi-row inserts. Every message still gets
 //! its own `last_msg_id`, exactly as if it had been written alone.
 //!
-//! A database that is down or busy is waited for: the batch is retried with capped backoff and
-//! nothing is acknowledged meanwhile, so the broker keeps the messages. An error that retrying
-//! cannot cure is isolated by writing the batch's messages one by one, so that one bad message
-//! never fails, loses or delays the others.
+//! Statements are bounded by bytes (the server's `max_allowed_packet`) as well as placeholders,
+//! so a batch of any size is written; a message too big for any statement is refused alone.
+//! What to do when a write fails (hold the stream, or find the one message at fault) is the
+//! processor's decision, made from [`WriteError::blame`].
 
-use crate::db;
+use crate::db::{self, StatementBounds};
 use crate::flows::Flow;
 use crate::sinks::post_endpoint::{self, OutboxRow};
 use crate::sinks::store_db::{self, Attribute, DataRow};
 use chrono::NaiveDateTime;
-use sqlx::mysql::MySqlDatabaseError;
 use sqlx::MySqlPool;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// What one flow writes for one message.
@@ -37,6 +36,19 @@ pub struct Item {
     pub effect: Effect,
 }
 
+impl Item {
+    /// Why this item cannot be written in any statement the server accepts, if so.
+    fn too_big(&self, bounds: &StatementBounds) -> Option<String> {
+        match &self.effect {
+            Effect::Store(attributes) => store_db::too_big(&self.flow.code, attributes, bounds),
+            Effect::Post { url, body: Ok(body) } => {
+                post_endpoint::too_big(&self.flow.code, url, body, bounds)
+            }
+            Effect::Post { body: Err(_), .. } => None,
+        }
+    }
+}
+
 /// How a written item ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -44,26 +56,29 @@ pub enum Outcome {
     Written(i32),
     /// The flow's row was deleted since the flows were loaded.
     FlowGone,
+    /// Too big for any statement the server accepts: refused, nothing of it written.
+    TooBig(String),
+    /// Refused by the server for its values (see [`db::Blame::Data`]), written alone.
+    Refused(String),
 }
 
-/// Whether waiting and retrying can cure a database error.
-pub fn is_transient(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.try_downcast_ref::<MySqlDatabaseError>().is_some_and(|e| {
-            matches!(
-                e.number(),
-                // too many connections, server shutdown, read-only (two codes), lock wait
-                // timeout, deadlock, Galera node not ready, connection killed, out of memory
-                1040 | 1053 | 1290 | 1836 | 1205 | 1213 | 1047 | 1927 | 1037 | 1041
-            )
-        }),
-        _ => false,
+/// Why a batch was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// The flow's `last_msg_id` would pass what `INT` holds: about the messages' flow, not the
+    /// database, so it fails them as the original did, never holding the stream.
+    #[error("last_msg_id of flow {0} no longer fits in INT")]
+    CounterOverflow(i32),
+}
+
+impl WriteError {
+    pub fn blame(&self) -> db::Blame {
+        match self {
+            WriteError::Db(error) => db::blame(error),
+            WriteError::CounterOverflow(_) => db::Blame::Data,
+        }
     }
 }
 
@@ -87,41 +102,46 @@ async fn note_activity(
 }
 
 /// Writes `items` (indexes into `all`) in one transaction and returns each one's outcome.
+/// However many bytes the batch holds, it goes in as many statements as the server's
+/// `max_allowed_packet` needs; an item too big for any statement is refused before anything
+/// of it (its counter included) is written.
 pub async fn write(
     pool: &MySqlPool,
     received_at: NaiveDateTime,
     all: &[Item],
     items: &[usize],
-) -> Result<Vec<(usize, Outcome)>, sqlx::Error> {
-    // Per flow, in order of first appearance: how many of its messages this batch holds.
-    let mut counts: Vec<(i32, i32)> = Vec::new();
+) -> Result<Vec<(usize, Outcome)>, WriteError> {
+    let mut tx = pool.begin().await?;
+    let bounds = StatementBounds { max_packet: db::max_allowed_packet(&mut tx).await? };
+    let mut outcomes = Vec::with_capacity(items.len());
+    // Per flow, in flow-id order (so that instances writing the same flows lock their counter
+    // rows in one order and never deadlock each other): how many messages this batch holds.
+    let mut counts: BTreeMap<i32, i32> = BTreeMap::new();
+    let mut writable = Vec::with_capacity(items.len());
     for &i in items {
-        let id = all[i].flow.id;
-        match counts.iter_mut().find(|(flow, _)| *flow == id) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((id, 1)),
+        match all[i].too_big(&bounds) {
+            Some(reason) => outcomes.push((i, Outcome::TooBig(reason))),
+            None => {
+                *counts.entry(all[i].flow.id).or_default() += 1;
+                writable.push(i);
+            }
         }
     }
-    let mut tx = pool.begin().await?;
     // The next id to hand out per flow; absent when the flow row is gone.
     let mut next_id: HashMap<i32, i32> = HashMap::new();
-    for &(flow_id, count) in &counts {
+    for (&flow_id, &count) in &counts {
         match db::advance_counter(&mut tx, flow_id, count).await {
             Ok(last) => {
                 next_id.insert(flow_id, last - count + 1);
             }
             Err(db::CounterError::FlowGone(_)) => {}
-            Err(db::CounterError::Db(e)) => return Err(e),
-            // Decode is not transient: retrying cannot make the counter fit.
-            Err(overflow @ db::CounterError::Overflow(_)) => {
-                return Err(sqlx::Error::Decode(overflow.into()))
-            }
+            Err(db::CounterError::Db(e)) => return Err(e.into()),
+            Err(db::CounterError::Overflow(flow)) => return Err(WriteError::CounterOverflow(flow)),
         }
     }
-    let mut outcomes = Vec::with_capacity(items.len());
     let mut data_rows = Vec::new();
     let mut outbox_rows = Vec::new();
-    for &i in items {
+    for i in writable {
         let item = &all[i];
         let Some(next) = next_id.get_mut(&item.flow.id) else {
             outcomes.push((i, Outcome::FlowGone));
@@ -146,8 +166,8 @@ pub async fn write(
         }
         outcomes.push((i, Outcome::Written(msg_id)));
     }
-    store_db::insert(&mut tx, received_at, &data_rows).await?;
-    post_endpoint::enqueue(&mut tx, &outbox_rows).await?;
+    store_db::insert(&mut tx, &bounds, received_at, &data_rows).await?;
+    post_endpoint::enqueue(&mut tx, &bounds, &outbox_rows).await?;
     note_activity(&mut tx, next_id.keys().copied()).await?;
     tx.commit().await?;
     Ok(outcomes)

@@ -77,6 +77,8 @@ struct Raw {
     mqtt_client_key: Option<PathBuf>,
     #[serde(default = "defaults::max_in_flight")]
     max_in_flight: usize,
+    #[serde(default = "defaults::max_in_flight_bytes")]
+    max_in_flight_bytes: usize,
     #[serde(default = "defaults::batch_max_messages")]
     batch_max_messages: usize,
     #[serde(default = "defaults::batch_max_delay_ms")]
@@ -118,6 +120,10 @@ mod defaults {
     pub fn max_in_flight() -> usize {
         1_000
     }
+    /// 64 MiB: room for a burst of large messages, small beside the host's memory.
+    pub fn max_in_flight_bytes() -> usize {
+        64 << 20
+    }
     pub fn batch_max_messages() -> usize {
         500
     }
@@ -156,6 +162,8 @@ pub struct Settings {
     pub default_broker: (String, u16),
     /// Messages taken from the broker and not yet acknowledged, at most.
     pub max_in_flight: usize,
+    /// Payload bytes taken from the broker and not yet acknowledged; reading pauses above it.
+    pub max_in_flight_bytes: usize,
     pub batch: BatchSettings,
     pub delivery: DeliverySettings,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; off when `None`.
@@ -274,6 +282,7 @@ impl Settings {
             }
         };
         positive("MAX_IN_FLIGHT", raw.max_in_flight)?;
+        positive("MAX_IN_FLIGHT_BYTES", raw.max_in_flight_bytes)?;
         positive("BATCH_MAX_MESSAGES", raw.batch_max_messages)?;
         positive("HTTP_CONCURRENCY", raw.http_concurrency)?;
         if !(raw.http_retry_max_delay_seconds.is_finite() && raw.http_retry_max_delay_seconds >= 0.1) {
@@ -336,6 +345,7 @@ impl Settings {
             reload_interval: Duration::from_secs(raw.flows_reload_interval_seconds.max(1) as u64),
             default_broker: (raw.mqtt_default_host, raw.mqtt_default_port),
             max_in_flight: raw.max_in_flight,
+            max_in_flight_bytes: raw.max_in_flight_bytes,
             metrics_addr,
             batch: BatchSettings {
                 max_messages: raw.batch_max_messages,

@@ -7,7 +7,7 @@
 
 use crate::config::DbSettings;
 use crate::flows::FlowRow;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, Transaction};
 use std::time::Duration;
 
@@ -109,4 +109,166 @@ pub enum CounterError {
     Overflow(i32),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+}
+
+/// Whose fault a failed write is: the one question that decides between dropping a message and
+/// holding the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The server refused the values written: their size, type or range. Written alone, the
+    /// message fails alone; the rest of its batch goes through.
+    Data,
+    /// Anything else: the database cannot take writes now (down, disk or table full, read-only,
+    /// privileges revoked, a table renamed away, a conflict, or a code we do not know). The
+    /// batch is held unacknowledged and retried until the condition clears.
+    Database,
+}
+
+/// MariaDB/MySQL error numbers that are provably about the values of the statement that got
+/// them. The list is closed on purpose: a code missing here holds the stream, which costs
+/// waiting, never a message.
+const DATA_ERRORS: &[u16] = &[
+    1153, // ER_NET_PACKET_TOO_LARGE: a statement bigger than max_allowed_packet
+    1264, // ER_WARN_DATA_OUT_OF_RANGE
+    1265, // WARN_DATA_TRUNCATED
+    1292, // ER_TRUNCATED_WRONG_VALUE
+    1366, // ER_TRUNCATED_WRONG_VALUE_FOR_FIELD: incorrect string/integer value
+    1367, // ER_ILLEGAL_VALUE_FOR_TYPE
+    1406, // ER_DATA_TOO_LONG
+    1690, // ER_DATA_OUT_OF_RANGE: arithmetic out of range (a counter past INT)
+    3819, // ER_CHECK_CONSTRAINT_VIOLATED (MySQL)
+    4025, // ER_CONSTRAINT_FAILED: a CHECK constraint (MariaDB)
+];
+
+/// The server's error number, when the error came from the server.
+pub fn error_code(error: &sqlx::Error) -> Option<u16> {
+    match error {
+        sqlx::Error::Database(db) => db.try_downcast_ref::<MySqlDatabaseError>().map(|e| e.number()),
+        _ => None,
+    }
+}
+
+/// Judges a failed write: data errors by their closed list, everything else the database's.
+pub fn blame(error: &sqlx::Error) -> Blame {
+    match error_code(error) {
+        Some(code) if DATA_ERRORS.contains(&code) => Blame::Data,
+        _ => Blame::Database,
+    }
+}
+
+/// Whether the connection itself went away during the statement. A server that drops the
+/// connection for a statement it will not take (a packet over its limit can end that way)
+/// looks like this too, so a write that keeps dropping the connection while the server answers
+/// pings is treated as possibly about its data.
+pub fn connection_lost(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed)
+}
+
+/// A short label for an error, for the holding metric: the server's number, or the kind.
+pub fn error_label(error: &sqlx::Error) -> String {
+    match (error_code(error), error) {
+        (Some(code), _) => code.to_string(),
+        (None, sqlx::Error::Io(_)) => "io".to_owned(),
+        (None, sqlx::Error::PoolTimedOut) => "pool_timeout".to_owned(),
+        (None, sqlx::Error::Tls(_)) => "tls".to_owned(),
+        (None, _) => "other".to_owned(),
+    }
+}
+
+/// Whether the server answers a trivial query within a few seconds.
+pub async fn answers(pool: &MySqlPool) -> bool {
+    let ping = sqlx::query("SELECT 1").execute(pool);
+    matches!(tokio::time::timeout(Duration::from_secs(5), ping).await, Ok(Ok(_)))
+}
+
+/// The largest packet this connection's server accepts. Read per transaction: `SET GLOBAL`
+/// changes it for new connections only, so the pool can hold connections with different limits.
+pub async fn max_allowed_packet(tx: &mut Transaction<'_, MySql>) -> Result<usize, sqlx::Error> {
+    let (limit,): (u64,) = sqlx::query_as("SELECT @@SESSION.max_allowed_packet").fetch_one(&mut **tx).await?;
+    Ok(usize::try_from(limit).unwrap_or(usize::MAX))
+}
+
+/// How much one multi-row statement may carry, from the server's `max_allowed_packet`.
+///
+/// Rows are grouped up to half the limit, so an estimate that is a little off still fits; a row
+/// bigger than that goes in a statement of its own, up to the limit less headroom for the
+/// statement's own framing; a row bigger still cannot be written at all.
+#[derive(Debug, Clone, Copy)]
+pub struct StatementBounds {
+    pub max_packet: usize,
+}
+
+/// Kept below MySQL's 65,535 placeholders per statement.
+const MAX_PLACEHOLDERS: usize = 60_000;
+/// Framing of a prepared statement's execute packet beyond its values.
+const HEADROOM: usize = 16 * 1024;
+
+impl StatementBounds {
+    /// The largest row (by [`row_bytes`]) a statement can carry.
+    pub fn row_limit(&self) -> usize {
+        self.max_packet.saturating_sub(HEADROOM)
+    }
+
+    fn group_limit(&self) -> usize {
+        (self.max_packet / 2).max(1)
+    }
+
+    /// Splits `rows` into consecutive runs that each fit one statement, keeping their order.
+    pub fn chunks<'r, T>(
+        &self,
+        rows: &'r [T],
+        params_per_row: usize,
+        size: impl Fn(&T) -> usize,
+    ) -> Vec<&'r [T]> {
+        let max_rows = (MAX_PLACEHOLDERS / params_per_row.max(1)).max(1);
+        let mut chunks = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, row) in rows.iter().enumerate() {
+            let row_bytes = size(row);
+            let full = i - start >= max_rows || bytes + row_bytes > self.group_limit();
+            if i > start && full {
+                chunks.push(&rows[start..i]);
+                (start, bytes) = (i, 0);
+            }
+            bytes += row_bytes;
+        }
+        if start < rows.len() {
+            chunks.push(&rows[start..]);
+        }
+        chunks
+    }
+}
+
+/// What one row of bound values costs in an execute packet: each string with its length
+/// prefix, and each value's type and fixed-size encoding.
+pub fn row_bytes(strings: &[&str], other_values: usize) -> usize {
+    strings.iter().map(|s| s.len() + 9).sum::<usize>() + 16 * (strings.len() + other_values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_respect_bytes_and_keep_order() {
+        let bounds = StatementBounds { max_packet: 1000 };
+        let rows = [100, 200, 300, 50, 600, 10];
+        let chunks = bounds.chunks(&rows, 1, |r| *r);
+        assert_eq!(chunks, vec![&[100, 200][..], &[300, 50][..], &[600][..], &[10][..]]);
+    }
+
+    #[test]
+    fn chunks_respect_placeholders() {
+        let bounds = StatementBounds { max_packet: usize::MAX / 4 };
+        let rows = vec![1usize; 30_001];
+        let chunks = bounds.chunks(&rows, 5, |r| *r);
+        assert_eq!(chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![12_000, 12_000, 6_001]);
+    }
+
+    #[test]
+    fn only_value_errors_blame_the_message() {
+        assert_eq!(blame(&sqlx::Error::PoolTimedOut), Blame::Database);
+        assert_eq!(blame(&sqlx::Error::RowNotFound), Blame::Database);
+        assert_eq!(blame(&sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into())), Blame::Database);
+    }
 }

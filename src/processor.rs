@@ -9,8 +9,9 @@
 //! order and acknowledgements leave in the order MQTT requires.
 
 use crate::backoff::Backoff;
-use crate::batch::{self, Effect, Item, Outcome};
+use crate::batch::{self, Effect, Item, Outcome, WriteError};
 use crate::config::BatchSettings;
+use crate::db;
 use crate::flows::{Action, FlowSet};
 use crate::health::{self, Health};
 use crate::mqtt::{Acker, Message};
@@ -105,6 +106,7 @@ pub struct Processor {
     /// Cancelled at shutdown: a batch waiting for the database is then given up, unacknowledged.
     shutdown: CancellationToken,
     health: Arc<Health>,
+    hold: Hold,
 }
 
 impl Processor {
@@ -117,7 +119,7 @@ impl Processor {
         shutdown: CancellationToken,
         health: Arc<Health>,
     ) -> Processor {
-        Processor { flows, pool, batch, outbox, acks, shutdown, health }
+        Processor { flows, pool, batch, outbox, acks, shutdown, health, hold: Hold::default() }
     }
 
     /// Runs until the session closes the channel (at shutdown) and what it holds is written.
@@ -175,30 +177,15 @@ impl Processor {
         if items.is_empty() {
             return true;
         }
-        let all: Vec<usize> = (0..items.len()).collect();
-        let outcomes = match self.write_retrying(received_at, &items, &all).await {
-            Some(Ok(outcomes)) => outcomes,
-            None => return false,
-            Some(Err(error)) => {
-                // Retrying cannot cure it: find the message(s) it belongs to by writing them
-                // one by one; the others go through.
-                tracing::debug!("Batch of {} failed ({error}); writing its messages one by one", items.len());
-                let mut outcomes = Vec::with_capacity(items.len());
-                for i in all {
-                    match self.write_retrying(received_at, &items, &[i]).await {
-                        Some(Ok(mut one)) => outcomes.append(&mut one),
-                        Some(Err(error)) => report(&items[i], &format!("database error: {error}")),
-                        None => return false,
-                    }
-                }
-                outcomes
-            }
+        let Some(outcomes) = self.write_isolating(received_at, &items).await else {
+            return false;
         };
         let mut queued: Vec<i32> = Vec::new();
         for (i, outcome) in outcomes {
             let item = &items[i];
             match outcome {
                 Outcome::FlowGone => report(item, &format!("flow {} no longer exists", item.flow.id)),
+                Outcome::TooBig(reason) | Outcome::Refused(reason) => report(item, &reason),
                 Outcome::Written(msg_id) => {
                     metrics::counter!("mqtt_gateway_messages_processed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
                         .increment(1);
@@ -256,55 +243,145 @@ impl Processor {
         items
     }
 
-    /// Writes, waiting out transient database failures with capped backoff. `None` when
-    /// shutdown came first; `Some(Err)` for an error that retrying cannot cure.
-    async fn write_retrying(
+    /// Writes every item exactly once, or refuses it for its own data.
+    ///
+    /// The invariant: no single message can stop the pipeline, and no message is dropped for
+    /// the database's sake. A group whose write fails for its data is split in halves, in
+    /// order, until the message at fault stands alone and fails alone; the others are written
+    /// with the ids they would have had. A database that cannot write holds the group, however
+    /// long that lasts. `None` when shutdown interrupted a wait: nothing may be acknowledged.
+    async fn write_isolating(
         &self,
         received_at: NaiveDateTime,
         items: &[Item],
-        which: &[usize],
-    ) -> Option<Result<Vec<(usize, Outcome)>, sqlx::Error>> {
+    ) -> Option<Vec<(usize, Outcome)>> {
+        let mut outcomes = Vec::with_capacity(items.len());
+        // The next group to write is the last; halves go on in arrival order.
+        let mut groups: Vec<Vec<usize>> = vec![(0..items.len()).collect()];
+        while let Some(group) = groups.pop() {
+            match self.write_held(received_at, items, &group).await? {
+                Ok(mut written) => outcomes.append(&mut written),
+                Err(reason) if group.len() == 1 => outcomes.push((group[0], Outcome::Refused(reason))),
+                Err(reason) => {
+                    tracing::debug!(
+                        "A batch of {} failed ({reason}); splitting it to find the message",
+                        group.len()
+                    );
+                    let (first, second) = group.split_at(group.len() / 2);
+                    groups.push(second.to_vec());
+                    groups.push(first.to_vec());
+                }
+            }
+        }
+        Some(outcomes)
+    }
+
+    /// Writes one group, holding it while the database cannot write. `Some(Err(reason))` when
+    /// the error is about the group's data (or, for a group of one, when the server keeps
+    /// dropping the connection on it while answering otherwise).
+    async fn write_held(
+        &self,
+        received_at: NaiveDateTime,
+        items: &[Item],
+        group: &[usize],
+    ) -> Option<Result<Vec<(usize, Outcome)>, String>> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut failing_since: Option<Instant> = None;
+        let mut dropped_connection = 0;
         loop {
             let attempt = Instant::now();
-            let written = batch::write(&self.pool, received_at, items, which).await;
-            if written.is_ok() {
-                metrics::histogram!("mqtt_gateway_commit_seconds").record(attempt.elapsed().as_secs_f64());
-                metrics::histogram!("mqtt_gateway_batch_messages").record(which.len() as f64);
-            }
-            match written {
-                Err(error) if batch::is_transient(&error) => {
-                    let delay = backoff.step();
-                    if failing_since.is_none() {
-                        failing_since = Some(Instant::now());
-                        tracing::error!(
-                            "Database unavailable, holding {} messages unacknowledged until it is back: {error}",
-                            which.len()
-                        );
-                    } else {
-                        tracing::debug!("Database still unavailable, retrying in {delay:?}: {error}");
-                    }
-                    self.health.set_waiting_for(Some(format!("the database ({error})")));
-                    // Waiting for the database is progress as far as the watchdog is concerned:
-                    // keep beating while the backoff runs.
-                    let until = Instant::now() + delay;
-                    while Instant::now() < until {
-                        self.health.beat_processor();
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => return None,
-                            _ = tokio::time::sleep_until(until.min(Instant::now() + health::BEAT)) => {}
-                        }
-                    }
+            let error = match batch::write(&self.pool, received_at, items, group).await {
+                Ok(outcomes) => {
+                    metrics::histogram!("mqtt_gateway_commit_seconds")
+                        .record(attempt.elapsed().as_secs_f64());
+                    metrics::histogram!("mqtt_gateway_batch_messages").record(group.len() as f64);
+                    self.hold.resume(&self.health);
+                    return Some(Ok(outcomes));
                 }
-                result => {
-                    if let (Some(since), Ok(_)) = (failing_since, &result) {
-                        tracing::info!("Database is back after {:.1}s", since.elapsed().as_secs_f64());
-                        self.health.set_waiting_for(None);
+                Err(error) => error,
+            };
+            if error.blame() == db::Blame::Data {
+                return Some(Err(format!("database error: {error}")));
+            }
+            if let WriteError::Db(db_error) = &error {
+                if db::connection_lost(db_error) && db::answers(&self.pool).await {
+                    dropped_connection += 1;
+                    if dropped_connection >= DROPS_BEFORE_SPLIT {
+                        return Some(Err(format!(
+                            "the database closed the connection each of the {dropped_connection} times this was \
+                             written, while answering otherwise: {error}"
+                        )));
                     }
-                    return Some(result);
+                    continue;
                 }
             }
+            dropped_connection = 0;
+            let delay = backoff.step();
+            self.hold.hold(&self.health, group.len(), &error, delay);
+            // Waiting for the database is healthy as far as the watchdog is concerned: keep
+            // beating while the backoff runs.
+            let until = Instant::now() + delay;
+            while Instant::now() < until {
+                self.health.beat_processor();
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep_until(until.min(Instant::now() + health::BEAT)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// How many times in a row a group may make the server drop the connection, while it answers
+/// pings, before the group is judged to be the cause (split, or failed when alone).
+const DROPS_BEFORE_SPLIT: u32 = 3;
+
+/// Whether the processor is holding the stream for the database, and since when: one ERROR when
+/// holding starts and one line when it ends, never a line per retry.
+#[derive(Default)]
+struct Hold {
+    since: std::sync::Mutex<Option<(Instant, String)>>,
+}
+
+impl Hold {
+    fn hold(&self, health: &Health, messages: usize, error: &WriteError, delay: Duration) {
+        let label = match error {
+            WriteError::Db(error) => db::error_label(error),
+            WriteError::CounterOverflow(_) => "counter".to_owned(),
+        };
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        match &*since {
+            None => {
+                tracing::error!(
+                    error_code = %label,
+                    "Database cannot take writes, holding {messages} messages unacknowledged until it can: {error}"
+                );
+                health.set_waiting_for(Some(format!("the database to take writes ({error})")));
+                metrics::gauge!("mqtt_gateway_database_holding", "code" => label.clone()).set(1.0);
+                *since = Some((Instant::now(), label));
+            }
+            Some((_, previous)) if *previous != label => {
+                tracing::error!(
+                    error_code = %label,
+                    "Database still cannot take writes, now for another reason: {error}"
+                );
+                health.set_waiting_for(Some(format!("the database to take writes ({error})")));
+                metrics::gauge!("mqtt_gateway_database_holding", "code" => previous.clone()).set(0.0);
+                metrics::gauge!("mqtt_gateway_database_holding", "code" => label.clone()).set(1.0);
+                *since = Some((Instant::now(), label));
+            }
+            Some(_) => tracing::debug!("Database still cannot take writes, retrying in {delay:?}: {error}"),
+        }
+    }
+
+    fn resume(&self, health: &Health) {
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((when, label)) = since.take() {
+            tracing::error!(
+                "Database takes writes again after {:.1}s; resuming",
+                when.elapsed().as_secs_f64()
+            );
+            health.set_waiting_for(None);
+            metrics::gauge!("mqtt_gateway_database_holding", "code" => label).set(0.0);
         }
     }
 }

@@ -2,6 +2,7 @@
 //! message's `last_msg_id`, written in the same transaction as the counter increment so that a
 //! counter never points at rows that are not there.
 
+use crate::db::{self, StatementBounds};
 use crate::pyfmt;
 use chrono::NaiveDateTime;
 use serde_json::{Map, Value};
@@ -12,8 +13,6 @@ use sqlx::{MySql, QueryBuilder, Transaction};
 const MAX_VALUE_BYTES: usize = 65_535;
 /// `attribute_name` is `VARCHAR(255)`, counted in characters.
 const MAX_NAME_CHARS: usize = 255;
-/// Stays far below MySQL's 65,535 placeholders per statement (5 per row).
-const ROWS_PER_INSERT: usize = 2_000;
 
 /// One attribute, rendered as Python rendered it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,13 +51,37 @@ pub fn attributes(payload: &Map<String, Value>) -> Result<Vec<Attribute>, String
         .collect()
 }
 
-/// Inserts rows with multi-row statements, all with the batch's `received_at`.
+/// What one row costs in a statement (see [`db::row_bytes`]).
+pub fn row_bytes(flow_code: &str, attribute: &Attribute) -> usize {
+    db::row_bytes(&[flow_code, &attribute.name, &attribute.value], 2)
+}
+
+/// Why a message's rows cannot be written in any statement the server accepts, if so. Rows
+/// of one message may span statements (they share the transaction), so only the largest row
+/// matters.
+pub fn too_big(flow_code: &str, attributes: &[Attribute], bounds: &StatementBounds) -> Option<String> {
+    let (largest, attribute) =
+        attributes.iter().map(|a| (row_bytes(flow_code, a), a)).max_by_key(|(bytes, _)| *bytes)?;
+    (largest > bounds.row_limit()).then(|| {
+        format!(
+            "the row of attribute '{}' takes {largest} bytes, more than the {} bytes one statement \
+             may carry (the database's max_allowed_packet is {})",
+            attribute.name,
+            bounds.row_limit(),
+            bounds.max_packet
+        )
+    })
+}
+
+/// Inserts rows with multi-row statements bounded by bytes and placeholders, all with the
+/// batch's `received_at`.
 pub async fn insert(
     tx: &mut Transaction<'_, MySql>,
+    bounds: &StatementBounds,
     received_at: NaiveDateTime,
     rows: &[DataRow<'_>],
 ) -> Result<(), sqlx::Error> {
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
+    for chunk in bounds.chunks(rows, 5, |row| row_bytes(row.flow_code, row.attribute)) {
         let mut insert: QueryBuilder<MySql> = QueryBuilder::new(
             "INSERT INTO data (received_at, flow_code, attribute_name, attribute_value, last_msg_id) ",
         );

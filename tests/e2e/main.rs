@@ -10,6 +10,7 @@ mod bad_input;
 mod broker;
 mod cli;
 mod delivery;
+mod holding;
 mod logs;
 mod metrics;
 mod post_endpoint;

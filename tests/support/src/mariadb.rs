@@ -27,14 +27,28 @@ pub enum Durability {
 
 impl MariaDb {
     pub fn start(durability: Durability) -> anyhow::Result<MariaDb> {
+        MariaDb::start_with(durability, None, &[])
+    }
+
+    /// A server whose data directory is `data` (say, on a small filesystem a test fills up),
+    /// with extra server options.
+    pub fn start_with(
+        durability: Durability,
+        data: Option<PathBuf>,
+        extra: &[&str],
+    ) -> anyhow::Result<MariaDb> {
         let server = crate::require_program("mariadbd", "mariadb-server")?;
         let install = crate::require_program("mariadb-install-db", "mariadb-server")?;
         let dir = cleanup::service_dir("mariadb")?;
-        let data = dir.join("data");
+        let data = data.unwrap_or_else(|| dir.join("data"));
         let log = std::fs::File::create(dir.join("install.log"))?;
+        // Servers bootstrapping at the same time in one /tmp collide on their temporary tables.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
         let status = Command::new(&install)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
             .args(user_arg())
             .arg("--innodb-log-file-size=16M")
@@ -51,6 +65,7 @@ impl MariaDb {
         let mut args = vec![
             "--no-defaults".to_owned(),
             format!("--datadir={}", data.display()),
+            format!("--tmpdir={}", tmp.display()),
             format!("--socket={}", socket.display()),
             format!("--pid-file={}", dir.join("mariadbd.pid").display()),
             format!("--log-error={}", dir.join("error.log").display()),
@@ -63,6 +78,7 @@ impl MariaDb {
             format!("--innodb-flush-log-at-trx-commit={flush}"),
         ];
         args.extend(user_arg());
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut db = MariaDb { port, socket, dir, server, args, child: None };
         db.start_server()?;
         Ok(db)
