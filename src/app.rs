@@ -95,9 +95,11 @@ async fn run_with_pool(
         );
     }
     let subscriptions = Subscriptions::new(&settings.mqtt);
-    let options = mqtt::options(&settings.mqtt, &broker).context("MQTT TLS").map_err(startup)?;
+    let target = mqtt::target(&settings.mqtt, &broker).context("MQTT TLS").map_err(startup)?;
     let (flows_tx, flows_rx) = watch::channel(Arc::new(flows));
-    let (messages_tx, messages_rx) = mpsc::channel(settings.max_in_flight);
+    // Unbounded: the in-flight window bounds what is in hand, in messages and in bytes.
+    let (messages_tx, messages_rx) = mpsc::unbounded_channel();
+    let window = Arc::new(mqtt::Window::new(settings.max_in_flight, settings.max_in_flight_bytes));
     let health = Arc::new(Health::default());
     crate::metrics::record_flows(&flows_rx.borrow());
     let metrics_server = match (settings.metrics_addr, prometheus) {
@@ -109,15 +111,9 @@ async fn run_with_pool(
         ),
         _ => None,
     };
-    let (mut session, client, acker) = BrokerSession::new(
-        options,
-        subscriptions.clone(),
-        flows_rx.clone(),
-        messages_tx,
-        settings.max_in_flight,
-        Arc::clone(&health),
-    );
-    let mut reloader = Reloader::new(pool.clone(), flows_tx, client, subscriptions, Arc::clone(&health));
+    let (mut session, subscriber, acker) =
+        BrokerSession::new(target, subscriptions, flows_rx.clone(), messages_tx, window, Arc::clone(&health));
+    let mut reloader = Reloader::new(pool.clone(), flows_tx, subscriber, Arc::clone(&health));
     reloader.report_broken(&flows_rx.borrow().broken);
 
     let wake_outbox = Arc::new(OutboxSignal::default());

@@ -17,6 +17,8 @@ pub struct Health {
     processed: AtomicU64,
     waiting_for: Mutex<Option<String>>,
     broker_connected: AtomicBool,
+    /// Topic filters the broker refused on the current connection.
+    refused: Mutex<Vec<String>>,
     /// Startup is complete: subscribed, flows loaded.
     ready: AtomicBool,
 }
@@ -30,6 +32,7 @@ impl Default for Health {
             processed: AtomicU64::new(0),
             waiting_for: Mutex::new(None),
             broker_connected: AtomicBool::new(false),
+            refused: Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
         }
     }
@@ -72,6 +75,14 @@ impl Health {
 
     pub fn broker_connected(&self) -> bool {
         self.broker_connected.load(Ordering::Relaxed)
+    }
+
+    pub fn set_refused(&self, filters: Vec<String>) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = filters;
+    }
+
+    pub fn refused(&self) -> Vec<String> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set_ready(&self) {

@@ -80,6 +80,8 @@ async fn ready(State(endpoints): State<Endpoints>) -> (StatusCode, String) {
         Some("starting: not subscribed yet".to_owned())
     } else if !endpoints.health.broker_connected() {
         Some("the MQTT broker is not connected".to_owned())
+    } else if let Some(filter) = endpoints.health.refused().first() {
+        Some(format!("the MQTT broker refused the subscription to {filter}"))
     } else if let Some(what) = endpoints.health.waiting_for() {
         Some(format!("waiting for {what}"))
     } else {

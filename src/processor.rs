@@ -32,6 +32,10 @@ use tokio_util::sync::CancellationToken;
 /// parsing, formatting and dropping a value well inside a worker thread's stack.
 pub const MAX_DEPTH: usize = 512;
 
+/// A batch stops growing at this many payload bytes: rendering and writing a batch needs a
+/// few times its size in memory, and the in-flight window should be what decides memory.
+const BATCH_MAX_BYTES: usize = 8 << 20;
+
 /// Why a payload is not a JSON object.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InvalidPayload {
@@ -123,7 +127,7 @@ impl Processor {
     }
 
     /// Runs until the session closes the channel (at shutdown) and what it holds is written.
-    pub async fn run(self, mut messages: mpsc::Receiver<Message>) {
+    pub async fn run(self, mut messages: mpsc::UnboundedReceiver<Message>) {
         let mut batch = Vec::with_capacity(self.batch.max_messages);
         let mut beat = tokio::time::interval(health::BEAT);
         loop {
@@ -152,20 +156,23 @@ impl Processor {
         }
     }
 
-    /// Adds what arrives within the batch delay, up to the batch size.
-    async fn fill(&self, batch: &mut Vec<Message>, messages: &mut mpsc::Receiver<Message>) {
+    /// Adds what arrives within the batch delay, up to the batch size in messages and bytes.
+    async fn fill(&self, batch: &mut Vec<Message>, messages: &mut mpsc::UnboundedReceiver<Message>) {
         let deadline = Instant::now() + self.batch.max_delay;
-        while batch.len() < self.batch.max_messages {
-            match messages.try_recv() {
-                Ok(publish) => batch.push(publish),
+        let mut bytes: usize = batch.iter().map(|m| m.publish.payload.len()).sum();
+        while batch.len() < self.batch.max_messages && bytes < BATCH_MAX_BYTES {
+            let message = match messages.try_recv() {
+                Ok(message) => message,
                 Err(mpsc::error::TryRecvError::Disconnected) => return,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     match tokio::time::timeout_at(deadline, messages.recv()).await {
-                        Ok(Some(publish)) => batch.push(publish),
+                        Ok(Some(message)) => message,
                         Ok(None) | Err(_) => return,
                     }
                 }
-            }
+            };
+            bytes += message.publish.payload.len();
+            batch.push(message);
         }
     }
 

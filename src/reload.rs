@@ -5,9 +5,8 @@
 use crate::db;
 use crate::flows::{BrokenFlow, FlowSet};
 use crate::health::Health;
-use crate::mqtt::{self, Subscriptions};
+use crate::mqtt::SubscriptionHandle;
 use crate::systemd;
-use rumqttc::AsyncClient;
 use sqlx::MySqlPool;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,11 +15,13 @@ use tokio::signal::unix::Signal;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// How long a reload waits for the broker to confirm changed subscriptions.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(10);
+
 pub struct Reloader {
     pool: MySqlPool,
     flows: watch::Sender<Arc<FlowSet>>,
-    client: AsyncClient,
-    subscriptions: Subscriptions,
+    subscriber: SubscriptionHandle,
     /// Broken rows already reported, so each is logged once, and again only when it changes.
     reported: HashSet<(i32, String)>,
     health: Arc<Health>,
@@ -30,11 +31,10 @@ impl Reloader {
     pub fn new(
         pool: MySqlPool,
         flows: watch::Sender<Arc<FlowSet>>,
-        client: AsyncClient,
-        subscriptions: Subscriptions,
+        subscriber: SubscriptionHandle,
         health: Arc<Health>,
     ) -> Reloader {
-        Reloader { pool, flows, client, subscriptions, reported: HashSet::new(), health }
+        Reloader { pool, flows, subscriber, reported: HashSet::new(), health }
     }
 
     /// Logs the broken rows of a set not yet reported.
@@ -86,26 +86,19 @@ impl Reloader {
         let after = next.filters();
         // New filters first, so the set published below never matches a message that the
         // broker was not yet asked for; a removed filter's stragglers simply match no flow.
-        let added: Vec<_> = after.difference(&before).cloned().collect();
-        for filter in &added {
-            if let Err(error) =
-                self.client.subscribe(self.subscriptions.broker_filter(filter), self.subscriptions.qos).await
-            {
-                tracing::error!("Cannot subscribe to {filter}: {error}");
+        if !after.is_subset(&before) {
+            let both = before.union(&after).cloned().collect();
+            if !self.subscriber.want(both, SUBSCRIBE_WAIT).await {
+                tracing::warn!(
+                    "The broker has not confirmed the new subscriptions within {SUBSCRIBE_WAIT:?}; \
+                     they are sent once it is connected"
+                );
             }
         }
         self.flows.send_replace(Arc::new(next));
-        let removed: Vec<_> = before.difference(&after).cloned().collect();
-        for filter in &removed {
-            if let Err(error) = self.client.unsubscribe(self.subscriptions.broker_filter(filter)).await {
-                tracing::error!("Cannot unsubscribe from {filter}: {error}");
-            }
-        }
-        if !added.is_empty() {
-            tracing::info!("Subscribed to {}", mqtt::join(&added.into_iter().collect()));
-        }
-        if !removed.is_empty() {
-            tracing::info!("Unsubscribed from {}", mqtt::join(&removed.into_iter().collect()));
+        if after != before {
+            // The session logs what the broker confirms ("Subscribed to", "Unsubscribed from").
+            let _ = self.subscriber.want(after, SUBSCRIBE_WAIT).await;
         }
         Ok(())
     }

@@ -93,7 +93,7 @@ async fn a_database_outage_holds_messages_and_loses_none() {
 
     server.stop();
     let during = tokio::spawn(publish_numbered(shared().broker.port, topic.clone(), 501..=3_000, ""));
-    wait_log(&gateway, "Database unavailable, holding").await;
+    wait_log(&gateway, "Database cannot take writes").await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(gateway.is_running(), "a database outage never stops the gateway");
     let rss_during = testkit::proc_status_kib(gateway.pid(), "VmRSS");
@@ -101,7 +101,7 @@ async fn a_database_outage_holds_messages_and_loses_none() {
     during.await.unwrap();
 
     env.wait_distinct("F", 3_000, Duration::from_secs(60)).await;
-    wait_log(&gateway, "Database is back after").await;
+    wait_log(&gateway, "Database takes writes again").await;
     let (distinct, total) = env.distinct_i("F").await;
     assert_eq!((distinct, total), (3_000, 3_000), "no message lost, none written twice");
     eprintln!("database outage: RSS {rss_before} KiB before, {rss_during} KiB during");
