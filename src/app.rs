@@ -143,8 +143,9 @@ async fn run_with_pool(
     );
     // The processor runs before the first connection: a persistent session may deliver
     // queued messages right after CONNACK, before any SUBSCRIBE.
-    let processor = tokio::spawn(processor.run(messages_rx));
-    let outbox = tokio::spawn(Arc::new(outbox).run(shutdown.clone()));
+    let failed = Supervisor::new(shutdown.clone());
+    let processor = failed.watch("the processor", tokio::spawn(processor.run(messages_rx)));
+    let outbox = failed.watch("the outbox", tokio::spawn(Arc::new(outbox).run(shutdown.clone())));
 
     if let Err(error) = session.start(&shutdown).await {
         if matches!(error, mqtt::StartError::Interrupted) {
@@ -163,16 +164,78 @@ async fn run_with_pool(
         health.set_ready();
         systemd::ready(&systemd::describe(&health, &flows));
     }
-    let supervise = tokio::spawn(systemd::supervise(Arc::clone(&health), flows_rx.clone(), shutdown.clone()));
-
-    let reload = tokio::spawn(reloader.run(settings.reload_interval, hangup, shutdown.clone()));
+    let supervise = failed.watch(
+        "the systemd watchdog",
+        tokio::spawn(systemd::supervise(Arc::clone(&health), flows_rx.clone(), shutdown.clone())),
+    );
+    let reload = failed.watch(
+        "the flow reloader",
+        tokio::spawn(reloader.run(settings.reload_interval, hangup, shutdown.clone())),
+    );
+    let metrics_server = metrics_server.map(|server| failed.watch("the metrics listener", server));
     session.run(shutdown.clone(), processor).await;
+    if !shutdown.is_cancelled() {
+        failed.fail("the MQTT session", "ended".to_owned());
+    }
     let _ = reload.await;
     let _ = outbox.await;
     let _ = supervise.await;
     if let Some(server) = metrics_server {
         let _ = server.await;
     }
+    if let Some(failure) = failed.failure() {
+        return Err(RunError::Runtime(anyhow::anyhow!(failure)));
+    }
     tracing::info!("Gateway stopped");
     Ok(())
+}
+
+/// Watches the long-running tasks. One that panics or ends before shutdown was asked leaves a
+/// process that is alive and does nothing, so instead the whole gateway stops, in order, and
+/// exits non-zero: the service manager restarts it, and the broker redelivers what was not
+/// acknowledged.
+#[derive(Clone)]
+struct Supervisor {
+    shutdown: CancellationToken,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Supervisor {
+    fn new(shutdown: CancellationToken) -> Supervisor {
+        Supervisor { shutdown, failure: Arc::default() }
+    }
+
+    /// A handle that ends when `task` ends, having reported it if it ended too early.
+    fn watch(&self, name: &'static str, task: tokio::task::JoinHandle<()>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let ended = match task.await {
+                Ok(()) => "ended".to_owned(),
+                Err(error) if error.is_panic() => {
+                    let panic = error.into_panic();
+                    let text = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_owned());
+                    format!("panicked: {text}")
+                }
+                Err(_) => "was cancelled".to_owned(),
+            };
+            if !this.shutdown.is_cancelled() {
+                this.fail(name, ended);
+            }
+        })
+    }
+
+    fn fail(&self, name: &str, how: String) {
+        let message = format!("{name} {how} while the gateway was running; stopping so that it is restarted");
+        tracing::error!("{message}");
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(message);
+        self.shutdown.cancel();
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }

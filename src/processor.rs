@@ -55,7 +55,8 @@ pub fn decode(payload: &[u8]) -> Result<Map<String, Value>, InvalidPayload> {
     if nesting_depth(text.as_bytes()) > MAX_DEPTH {
         return Err(InvalidPayload::TooDeep);
     }
-    let mut de = serde_json::Deserializer::from_str(text);
+    let text = python_literals(text);
+    let mut de = serde_json::Deserializer::from_str(&text);
     // The depth was bounded above; serde_json's own limit (128) would refuse payloads Python
     // accepted.
     de.disable_recursion_limit();
@@ -69,6 +70,57 @@ pub fn decode(payload: &[u8]) -> Result<Map<String, Value>, InvalidPayload> {
         Value::Number(_) => Err(InvalidPayload::NotAnObject("a number")),
         Value::Bool(_) => Err(InvalidPayload::NotAnObject("a boolean")),
         Value::Null => Err(InvalidPayload::NotAnObject("null")),
+    }
+}
+
+/// Python's `json` module (the original's parser, and what Python publishers write with)
+/// accepts `NaN`, `Infinity` and `-Infinity` as values; serde_json does not. Outside strings,
+/// each becomes a number literal with the same meaning to [`crate::pyfmt`]: infinities an
+/// overflowing literal (a float of infinite value, as in Python), NaN the marker
+/// [`crate::pyfmt::NAN_LITERAL`]. Text without them is returned as it is, without a copy.
+fn python_literals(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let (mut in_string, mut escaped) = (false, false);
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        let rest = &bytes[i..];
+        let found =
+            [("NaN", crate::pyfmt::NAN_LITERAL), ("Infinity", "1e999999"), ("-Infinity", "-1e999999")]
+                .into_iter()
+                .find(|(literal, _)| rest.starts_with(literal.as_bytes()));
+        match (b, found) {
+            (b'"', _) => in_string = true,
+            (_, Some((literal, number))) => {
+                let out = out.get_or_insert_with(|| String::with_capacity(text.len() + 64));
+                out.push_str(&text[copied..i]);
+                out.push_str(number);
+                i += literal.len();
+                copied = i;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    match out {
+        None => std::borrow::Cow::Borrowed(text),
+        Some(mut out) => {
+            out.push_str(&text[copied..]);
+            std::borrow::Cow::Owned(out)
+        }
     }
 }
 
@@ -224,6 +276,11 @@ impl Processor {
         let mut items = Vec::new();
         for Message { publish, .. } in batch {
             let topic = publish.topic.as_str();
+            // A fault switch for the supervision test; compiled out of release builds.
+            #[cfg(debug_assertions)]
+            if std::env::var("MQTT_GATEWAY_TEST_PANIC_ON_TOPIC").is_ok_and(|t| t == topic) {
+                panic!("fault injected for {topic}");
+            }
             let payload = match decode(&publish.payload) {
                 Ok(payload) => payload,
                 Err(error) => {
@@ -421,6 +478,33 @@ mod tests {
     fn bad_payloads_are_explained(#[case] payload: &[u8], #[case] reason: &str) {
         let error = decode(payload).unwrap_err().to_string();
         assert!(error.contains(reason), "{error}");
+    }
+
+    #[rstest]
+    #[case(r#"{"t": NaN, "h": 40}"#, "nan", "40")]
+    #[case(r#"{"t": Infinity, "h": -Infinity}"#, "inf", "-inf")]
+    #[case(r#"{"t": "NaN", "h": [NaN]}"#, "NaN", "[NaN]")]
+    fn python_literals_are_accepted_and_stored_as_python_does(
+        #[case] payload: &str,
+        #[case] t: &str,
+        #[case] h: &str,
+    ) {
+        let map = decode(payload.as_bytes()).unwrap();
+        assert_eq!(crate::pyfmt::attribute_value(&map["t"]), t);
+        assert_eq!(crate::pyfmt::attribute_value(&map["h"]), h);
+    }
+
+    #[test]
+    fn python_literals_are_refused_in_post_bodies_as_requests_does() {
+        let map = decode(br#"{"t": NaN}"#).unwrap();
+        let error = crate::pyfmt::request_body_of(&map).unwrap_err().to_string();
+        assert!(error.contains("Out of range float values are not JSON compliant"), "{error}");
+    }
+
+    #[test]
+    fn python_literals_are_not_rewritten_inside_strings() {
+        assert!(matches!(python_literals(r#"{"a": "NaN \" Infinity"}"#), std::borrow::Cow::Borrowed(_)));
+        assert!(decode(br#"{"a": Nan}"#).is_err(), "only Python's exact spellings");
     }
 
     #[test]

@@ -140,6 +140,10 @@ fn quote_into(out: &mut String, s: &str, ascii: Ascii) {
     out.push('"');
 }
 
+/// The number literal a payload's `NaN` is decoded to (see `processor::decode`): minus zero with
+/// an exponent no sensor writes, so it never stands for anything else.
+pub const NAN_LITERAL: &str = "-0.0e-7777777777777777777777777777777777777777777777777777777777777777";
+
 enum PyNumber {
     /// Decimal digits of a Python int, already canonical.
     Int(String),
@@ -150,7 +154,9 @@ enum PyNumber {
 /// (of any size), otherwise a float rounded to nearest, `inf` on overflow.
 fn parse_number(n: &Number) -> PyNumber {
     let text = n.as_str();
-    if text.contains(['.', 'e', 'E']) {
+    if text == NAN_LITERAL {
+        PyNumber::Float(f64::NAN)
+    } else if text.contains(['.', 'e', 'E']) {
         // The literal was already validated by the JSON parser, so it always parses; an
         // out-of-range literal becomes ±inf exactly as float() does.
         PyNumber::Float(text.parse().unwrap_or(f64::NAN))

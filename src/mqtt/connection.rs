@@ -101,6 +101,7 @@ pub async fn connect(target: Target, limit: Duration) -> Result<Connected, Conne
 async fn connect_unbounded(target: Target) -> Result<Connected, ConnectError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
     tcp.set_nodelay(true)?;
+    tracing::debug!("TCP connection to {} open", target.address());
     let mut stream: Box<dyn Stream> = match &target.tls {
         None => Box::new(tcp),
         Some(config) => {
@@ -121,6 +122,7 @@ async fn connect_unbounded(target: Target) -> Result<Connected, ConnectError> {
     Packet::Connect(connect).write(&mut out, MAX_PACKET).map_err(ConnectError::Protocol)?;
     stream.write_all(&out).await?;
     stream.flush().await?;
+    tracing::debug!("CONNECT sent to {}", target.address());
     let mut buffer = BytesMut::with_capacity(READ_CHUNK);
     loop {
         match Packet::read(&mut buffer, MAX_PACKET) {

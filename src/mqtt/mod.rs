@@ -462,6 +462,7 @@ impl BrokerSession {
 
     fn begin_connect(&mut self) {
         if self.connecting.is_none() && self.link.is_none() {
+            tracing::debug!("Connecting to MQTT broker {}", self.address);
             self.connecting = Some(tokio::spawn(connection::connect(self.target.clone(), CONNECT_TIMEOUT)));
         }
     }

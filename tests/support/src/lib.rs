@@ -11,12 +11,14 @@ mod echo;
 mod gateway;
 pub mod mariadb;
 mod mosquitto;
+mod proxy;
 mod publish;
 
 pub use echo::{EchoServer, Recorded};
 pub use gateway::Gateway;
 pub use mariadb::MariaDb;
 pub use mosquitto::Mosquitto;
+pub use proxy::DelayProxy;
 pub use publish::Publisher;
 
 use std::net::TcpListener;
