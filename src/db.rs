@@ -190,7 +190,7 @@ pub async fn max_allowed_packet(tx: &mut Transaction<'_, MySql>) -> Result<usize
 
 /// How much one multi-row statement may carry, from the server's `max_allowed_packet`.
 ///
-/// Rows are grouped up to half the limit, so an estimate that is a little off still fits; a row
+/// Rows are grouped up to half the limit (and at most 4 MiB), so an estimate that is a little off still fits; a row
 /// bigger than that goes in a statement of its own, up to the limit less headroom for the
 /// statement's own framing; a row bigger still cannot be written at all.
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +200,8 @@ pub struct StatementBounds {
 
 /// Kept below MySQL's 65,535 placeholders per statement.
 const MAX_PLACEHOLDERS: usize = 60_000;
+/// Past a few MiB a bigger statement saves nothing but costs memory (the client encodes it whole).
+const MAX_GROUP_BYTES: usize = 4 << 20;
 /// Framing of a prepared statement's execute packet beyond its values.
 const HEADROOM: usize = 16 * 1024;
 
@@ -210,7 +212,7 @@ impl StatementBounds {
     }
 
     fn group_limit(&self) -> usize {
-        (self.max_packet / 2).max(1)
+        (self.max_packet / 2).clamp(1, MAX_GROUP_BYTES)
     }
 
     /// Splits `rows` into consecutive runs that each fit one statement, keeping their order.

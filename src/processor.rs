@@ -34,7 +34,7 @@ pub const MAX_DEPTH: usize = 512;
 
 /// A batch stops growing at this many payload bytes: rendering and writing a batch needs a
 /// few times its size in memory, and the in-flight window should be what decides memory.
-const BATCH_MAX_BYTES: usize = 8 << 20;
+const BATCH_MAX_BYTES: usize = 4 << 20;
 
 /// Why a payload is not a JSON object.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

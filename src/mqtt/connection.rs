@@ -10,7 +10,7 @@
 //! pings.
 
 use super::window::Window;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, Packet};
 use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::tokio_rustls::TlsConnector;
@@ -160,8 +160,12 @@ pub async fn read_packets(
     let why = loop {
         loop {
             match Packet::read(&mut buffer, MAX_PACKET) {
-                Ok(packet) => {
-                    if let Packet::Publish(publish) = &packet {
+                Ok(mut packet) => {
+                    if let Packet::Publish(publish) = &mut packet {
+                        // A copy of its own: a slice would keep the whole read buffer it came in
+                        // alive (up to twice its size, for a large message) until it is acked,
+                        // and the window would count less than is held.
+                        publish.payload = Bytes::copy_from_slice(&publish.payload);
                         window.take(publish.payload.len() + publish.topic.len());
                     }
                     if events.send(Event::Packet(packet)).is_err() {

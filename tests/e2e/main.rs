@@ -11,6 +11,7 @@ mod broker;
 mod cli;
 mod delivery;
 mod holding;
+mod large;
 mod logs;
 mod metrics;
 mod post_endpoint;
