@@ -9,6 +9,7 @@ mod harness;
 mod bad_input;
 mod broker;
 mod cli;
+mod cli_redaction;
 mod delivery;
 mod logs;
 mod metrics;
