@@ -15,6 +15,7 @@ mod logs;
 mod metrics;
 mod post_endpoint;
 mod reload;
+mod settings;
 mod shutdown;
 mod startup;
 mod store_db;
