@@ -14,6 +14,7 @@ mod delivery;
 mod logs;
 mod metrics;
 mod post_endpoint;
+mod prometheus;
 mod reload;
 mod settings;
 mod shutdown;

@@ -1,5 +1,5 @@
 //! Real services for mqtt-gateway's tests, benchmark and demo: a MariaDB server, a Mosquitto
-//! broker and an HTTP echo server, each on a free loopback port in its own temporary directory,
+//! broker, an HTTP echo server and a Prometheus server, each on a free loopback port in its own temporary directory,
 //! plus a handle on a running gateway process and a QoS 1 publisher.
 //!
 //! Nothing is mocked. Processes are stopped when their handle drops, and at process exit for
@@ -11,12 +11,14 @@ mod echo;
 mod gateway;
 pub mod mariadb;
 mod mosquitto;
+mod prometheus;
 mod publish;
 
 pub use echo::{EchoServer, Recorded};
 pub use gateway::Gateway;
 pub use mariadb::MariaDb;
 pub use mosquitto::Mosquitto;
+pub use prometheus::Prometheus;
 pub use publish::Publisher;
 
 use std::net::TcpListener;
