@@ -91,6 +91,11 @@ struct Raw {
     http_concurrency: usize,
     #[serde(default = "defaults::yes")]
     http_ordered: bool,
+    http_ca_file: Option<PathBuf>,
+    db_ssl_mode: Option<String>,
+    db_ssl_ca: Option<PathBuf>,
+    db_ssl_cert: Option<PathBuf>,
+    db_ssl_key: Option<PathBuf>,
 }
 
 mod defaults {
@@ -182,6 +187,9 @@ pub struct DeliverySettings {
     pub concurrency: usize,
     /// Keep each flow's requests in arrival order (one at a time per flow).
     pub ordered: bool,
+    /// PEM certificates of `HTTP_CA_FILE`, trusted for HTTPS endpoints besides the system's
+    /// roots; read at startup so that a missing or empty file stops the start, naming it.
+    pub extra_roots_pem: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +201,32 @@ pub struct DbSettings {
     pub name: String,
     pub user: String,
     pub password: Secret,
+    pub tls: DbTls,
+}
+
+/// TLS to the database, with the MySQL client's `--ssl-mode` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbSslMode {
+    /// Clear text.
+    Disabled,
+    /// TLS when the server offers it, its certificate not verified; clear text otherwise.
+    Preferred,
+    /// TLS or no connection; the certificate is not verified.
+    Required,
+    /// TLS with a certificate signed by a trusted CA, for any host name.
+    VerifyCa,
+    /// TLS with a trusted certificate that is valid for `DB_HOST`.
+    VerifyIdentity,
+}
+
+#[derive(Debug, Clone)]
+pub struct DbTls {
+    pub mode: DbSslMode,
+    /// PEM CA certificates to verify the server with (`verify_ca`, `verify_identity`); the
+    /// system's roots are trusted too.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain and key for a user that must present one (`REQUIRE X509`).
+    pub client_auth: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +274,8 @@ impl Settings {
         };
         let password = resolve_password(&raw)?;
         let ranges = Ranges::check(&raw)?;
+        let db_tls = db_tls(&raw)?;
+        let extra_roots_pem = raw.http_ca_file.as_deref().map(read_ca_file).transpose()?;
         if raw.mqtt_qos > 1 {
             return Err(ConfigError::Invalid {
                 name: "MQTT_QOS".into(),
@@ -299,6 +335,7 @@ impl Settings {
                 name: raw.db_name,
                 user: raw.db_user,
                 password,
+                tls: db_tls,
             },
             log_dir: raw.log_dir.filter(|d| !d.as_os_str().is_empty()),
             http_timeout: ranges.http_timeout,
@@ -326,6 +363,7 @@ impl Settings {
                 max_retry_delay: ranges.http_retry_max_delay,
                 concurrency: raw.http_concurrency,
                 ordered: raw.http_ordered,
+                extra_roots_pem,
             },
         })
     }
@@ -408,6 +446,64 @@ fn port(name: &str, value: u16) -> Result<u16, ConfigError> {
         });
     }
     Ok(value)
+}
+
+fn db_tls(raw: &Raw) -> Result<DbTls, ConfigError> {
+    let invalid =
+        |name: &str, reason: &str| ConfigError::Invalid { name: name.into(), reason: reason.into() };
+    let explicit = match raw.db_ssl_mode.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+        None => None,
+        // The MySQL client spells them in capitals with `--ssl-mode`; both spellings work.
+        Some(mode) => Some(match mode.to_ascii_lowercase().as_str() {
+            "disabled" => DbSslMode::Disabled,
+            "preferred" => DbSslMode::Preferred,
+            "required" => DbSslMode::Required,
+            "verify_ca" => DbSslMode::VerifyCa,
+            "verify_identity" => DbSslMode::VerifyIdentity,
+            _ => {
+                return Err(invalid(
+                    "DB_SSL_MODE",
+                    &format!(
+                        "{mode:?} is not one of disabled, preferred, required, verify_ca, verify_identity"
+                    ),
+                ))
+            }
+        }),
+    };
+    let socket = raw.db_socket.as_ref().is_some_and(|p| !p.as_os_str().is_empty());
+    // The MySQL client does not use TLS over a Unix socket unless told to: the socket never
+    // leaves the machine.
+    let mode = explicit.unwrap_or(if socket { DbSslMode::Disabled } else { DbSslMode::Preferred });
+    let ca_file = raw.db_ssl_ca.clone().filter(|p| !p.as_os_str().is_empty());
+    // A CA that is never consulted would look like protection and be none: refuse it.
+    if ca_file.is_some() && !matches!(mode, DbSslMode::VerifyCa | DbSslMode::VerifyIdentity) {
+        return Err(invalid(
+            "DB_SSL_CA",
+            "is only used to verify the server, with DB_SSL_MODE=verify_ca or verify_identity",
+        ));
+    }
+    let client_auth = match (&raw.db_ssl_cert, &raw.db_ssl_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => return Err(invalid("DB_SSL_CERT", "DB_SSL_CERT and DB_SSL_KEY go together")),
+    };
+    if client_auth.is_some() && mode == DbSslMode::Disabled {
+        return Err(invalid("DB_SSL_CERT", "a client certificate needs TLS, but DB_SSL_MODE is disabled"));
+    }
+    Ok(DbTls { mode, ca_file, client_auth })
+}
+
+fn read_ca_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let invalid = |reason: String| ConfigError::Invalid { name: "HTTP_CA_FILE".into(), reason };
+    let pem = std::fs::read(path).map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(format!("{} is not PEM: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(format!("{} holds no PEM certificate", path.display())));
+    }
+    Ok(pem)
 }
 
 /// A password file wins over the systemd credential, which wins over `DB_PASSWORD`, so that a
@@ -680,5 +776,34 @@ mod tests {
         }
         let s = Settings::from_vars(vars(&[("HTTP_TIMEOUT_SECONDS", "0.25")])).unwrap();
         assert_eq!(s.http_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn db_ssl_settings_are_checked_together() {
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        assert_eq!((s.db.tls.mode, s.db.tls.ca_file.is_none()), (DbSslMode::Preferred, true));
+        let s = Settings::from_vars(vars(&[("DB_SOCKET", "/run/mysqld/mysqld.sock")])).unwrap();
+        assert_eq!(s.db.tls.mode, DbSslMode::Disabled, "no TLS over a Unix socket unless asked");
+        let s = Settings::from_vars(vars(&[("DB_SSL_MODE", "VERIFY_CA"), ("DB_SSL_CA", "/ca.pem")])).unwrap();
+        assert_eq!(s.db.tls.mode, DbSslMode::VerifyCa);
+        for (extra, wanted) in [
+            (
+                &[("DB_SSL_MODE", "verify")][..],
+                "invalid environment variable DB_SSL_MODE: \"verify\" is not one of",
+            ),
+            (&[("DB_SSL_CA", "/ca.pem")][..], "invalid environment variable DB_SSL_CA: is only used"),
+            (&[("DB_SSL_CERT", "/c.pem")][..], "DB_SSL_CERT and DB_SSL_KEY go together"),
+            (
+                &[("DB_SSL_MODE", "disabled"), ("DB_SSL_CERT", "/c.pem"), ("DB_SSL_KEY", "/k.pem")][..],
+                "a client certificate needs TLS",
+            ),
+            (
+                &[("HTTP_CA_FILE", "/nonexistent/ca.pem")][..],
+                "invalid environment variable HTTP_CA_FILE: cannot read",
+            ),
+        ] {
+            let err = Settings::from_vars(vars(extra)).unwrap_err().to_string();
+            assert!(err.contains(wanted), "{extra:?}: {err}");
+        }
     }
 }

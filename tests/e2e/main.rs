@@ -4,13 +4,16 @@
 //!
 //! Run with `cargo xtask e2e` (or `cargo test --test e2e`).
 
+mod certs;
 mod harness;
 
 mod bad_input;
 mod broker;
 mod cli;
 mod cli_redaction;
+mod db_tls;
 mod delivery;
+mod https;
 mod logs;
 mod metrics;
 mod post_endpoint;

@@ -27,6 +27,11 @@ pub enum Durability {
 
 impl MariaDb {
     pub fn start(durability: Durability) -> anyhow::Result<MariaDb> {
+        MariaDb::start_with(durability, &[])
+    }
+
+    /// With extra server options, such as `--ssl-cert=...` or `--require-secure-transport=ON`.
+    pub fn start_with(durability: Durability, extra_args: &[String]) -> anyhow::Result<MariaDb> {
         let server = crate::require_program("mariadbd", "mariadb-server")?;
         let install = crate::require_program("mariadb-install-db", "mariadb-server")?;
         let dir = cleanup::service_dir("mariadb")?;
@@ -63,6 +68,7 @@ impl MariaDb {
             format!("--innodb-flush-log-at-trx-commit={flush}"),
         ];
         args.extend(user_arg());
+        args.extend(extra_args.iter().cloned());
         let mut db = MariaDb { port, socket, dir, server, args, child: None };
         db.start_server()?;
         Ok(db)
