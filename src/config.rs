@@ -4,6 +4,10 @@
 //! password may instead come from a file (`DB_PASSWORD_FILE`) or a systemd credential
 //! (`$CREDENTIALS_DIRECTORY/db-password`), so that it need not sit in the environment at all. It
 //! is held in a [`Secret`], whose `Debug` never shows it.
+//!
+//! Every value is checked here, once: numbers against their ranges (so that no setting can
+//! panic the process later, say by overflowing a `Duration`), TLS settings against each other.
+//! An error names the variable to fix.
 
 use serde::Deserialize;
 use std::fmt;

@@ -61,7 +61,7 @@ const SERIES: [(&str, Kind, &str); 15] = [
     (
         "mqtt_gateway_http_responses_total",
         Kind::Counter,
-        "POST outcomes by endpoint host and class (2xx, 4xx, 5xx, or error when no response came)",
+        "POST outcomes by endpoint host and class (2xx, 4xx, 5xx, other, or error when no response came)",
     ),
     ("mqtt_gateway_outbox_pending", Kind::Gauge, "POST_ENDPOINT requests waiting in gateway_outbox"),
     ("mqtt_gateway_outbox_dead", Kind::Gauge, "POST_ENDPOINT requests given up on, kept in gateway_outbox"),
