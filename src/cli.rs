@@ -286,8 +286,9 @@ async fn set_enabled(pool: &MySqlPool, code: &str, enabled: bool) -> anyhow::Res
 }
 
 async fn status(pool: &MySqlPool, interval: f64, json: bool) -> anyhow::Result<i32> {
-    if !(interval.is_finite() && interval > 0.0) {
-        bail!("--interval must be a positive number of seconds");
+    // Written so that NaN fails too; an hour at most keeps the sleep inside `Duration`.
+    if !(interval > 0.0 && interval <= 3600.0) {
+        bail!("--interval must be a number of seconds above 0 and at most 3600, not {interval:?}");
     }
     let before = all_flows(pool).await?;
     tokio::time::sleep(Duration::from_secs_f64(interval)).await;

@@ -279,7 +279,8 @@ impl Settings {
         let password = resolve_password(&raw)?;
         let ranges = Ranges::check(&raw)?;
         let db_tls = db_tls(&raw)?;
-        let extra_roots_pem = raw.http_ca_file.as_deref().map(read_ca_file).transpose()?;
+        let http_ca_file = raw.http_ca_file.as_deref().filter(|p| !p.as_os_str().is_empty());
+        let extra_roots_pem = http_ca_file.map(read_ca_file).transpose()?;
         if raw.mqtt_qos > 1 {
             return Err(ConfigError::Invalid {
                 name: "MQTT_QOS".into(),
@@ -478,7 +479,9 @@ fn db_tls(raw: &Raw) -> Result<DbTls, ConfigError> {
     // The MySQL client does not use TLS over a Unix socket unless told to: the socket never
     // leaves the machine.
     let mode = explicit.unwrap_or(if socket { DbSslMode::Disabled } else { DbSslMode::Preferred });
-    let ca_file = raw.db_ssl_ca.clone().filter(|p| !p.as_os_str().is_empty());
+    // A module or unit file may set a variable to "" for "not set".
+    let set = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+    let ca_file = set(&raw.db_ssl_ca);
     // A CA that is never consulted would look like protection and be none: refuse it.
     if ca_file.is_some() && !matches!(mode, DbSslMode::VerifyCa | DbSslMode::VerifyIdentity) {
         return Err(invalid(
@@ -486,8 +489,8 @@ fn db_tls(raw: &Raw) -> Result<DbTls, ConfigError> {
             "is only used to verify the server, with DB_SSL_MODE=verify_ca or verify_identity",
         ));
     }
-    let client_auth = match (&raw.db_ssl_cert, &raw.db_ssl_key) {
-        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+    let client_auth = match (set(&raw.db_ssl_cert), set(&raw.db_ssl_key)) {
+        (Some(cert), Some(key)) => Some((cert, key)),
         (None, None) => None,
         _ => return Err(invalid("DB_SSL_CERT", "DB_SSL_CERT and DB_SSL_KEY go together")),
     };

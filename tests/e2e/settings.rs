@@ -1,5 +1,5 @@
 //! Numeric settings out of range: the binary, service or subcommand, ends with one line naming
-//! the variable and exit status 1, never a panic. (The property test over every numeric variable
+//! the variable (or the option) and exit status 1, never a panic. (The property test over every numeric variable
 //! is in `src/config.rs`; these prove the binary reports what the configuration refuses.)
 
 use crate::harness::*;
@@ -42,4 +42,15 @@ fn a_subcommand_refuses_it_the_same_way() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[tokio::test]
+async fn a_status_interval_beyond_range_is_an_error_not_a_panic() {
+    let env = TestEnv::new().await;
+    for interval in ["1e30", "NaN", "inf", "0"] {
+        let (code, out, err) = env.command(&["status", "--interval", interval]);
+        assert_eq!((code, out.as_str()), (1, ""), "{interval}: {err}");
+        assert!(err.trim().starts_with("error: --interval must be a number of seconds"), "{interval}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
 }
