@@ -39,9 +39,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
     // Before anything records; the listener itself starts once the database is there.
     let prometheus = match settings.metrics_addr {
-        Some(_) => {
-            Some(crate::metrics::install().context("cannot set up metrics").map_err(RunError::Startup)?)
-        }
+        Some(_) => Some(
+            crate::metrics::install(settings.batch.max_messages)
+                .context("cannot set up metrics")
+                .map_err(RunError::Startup)?,
+        ),
         None => None,
     };
     let db = &settings.db;

@@ -173,7 +173,8 @@ impl FlowListing {
     fn to_json(&self) -> serde_json::Value {
         json!({
             "id": self.id, "code": self.code, "description": self.description, "topic": self.topic,
-            "action": self.action, "payload_schema": self.payload_schema, "endpoint_url": self.endpoint_url,
+            "action": self.action, "payload_schema": self.payload_schema,
+            "endpoint_url": self.endpoint_url.as_deref().map(shown_url),
             "last_msg_id": self.last_msg_id, "enabled": self.enabled, "problem": self.problem(),
         })
     }
@@ -222,7 +223,7 @@ async fn flows_command(pool: &MySqlPool, command: FlowsCommand) -> anyhow::Resul
                 println!("topic:          {}", flow.topic);
                 println!("action:         {}", flow.action);
                 println!("payload_schema: {}", flow.payload_schema.as_deref().unwrap_or("NULL"));
-                println!("endpoint_url:   {}", flow.endpoint_url.as_deref().unwrap_or("NULL"));
+                println!("endpoint_url:   {}", flow.endpoint_url.as_deref().map_or("NULL".into(), shown_url));
                 println!("enabled:        {}", flow.enabled);
                 println!("last_msg_id:    {}", flow.last_msg_id);
                 println!("problem:        {}", flow.problem().as_deref().unwrap_or("none"));
@@ -285,8 +286,9 @@ async fn set_enabled(pool: &MySqlPool, code: &str, enabled: bool) -> anyhow::Res
 }
 
 async fn status(pool: &MySqlPool, interval: f64, json: bool) -> anyhow::Result<i32> {
-    if !(interval.is_finite() && interval > 0.0) {
-        bail!("--interval must be a positive number of seconds");
+    // Written so that NaN fails too; an hour at most keeps the sleep inside `Duration`.
+    if !(interval > 0.0 && interval <= 3600.0) {
+        bail!("--interval must be a number of seconds above 0 and at most 3600, not {interval:?}");
     }
     let before = all_flows(pool).await?;
     tokio::time::sleep(Duration::from_secs_f64(interval)).await;
@@ -349,7 +351,7 @@ async fn outbox_command(pool: &MySqlPool, command: OutboxCommand) -> anyhow::Res
     match command {
         OutboxCommand::List { dead, json } => {
             let rows = sqlx::query(
-                "SELECT id, flow_code, msg_id, attempts, CAST(created_at AS CHAR), last_error FROM gateway_outbox \
+                "SELECT id, flow_code, msg_id, attempts, CAST(created_at AS CHAR), last_error, endpoint_url FROM gateway_outbox \
                  WHERE dead = ? ORDER BY id LIMIT 1000",
             )
             .bind(dead)
@@ -360,7 +362,8 @@ async fn outbox_command(pool: &MySqlPool, command: OutboxCommand) -> anyhow::Res
                 .map(|r| {
                     json!({"id": r.get::<i64, _>(0), "flow_code": r.get::<String, _>(1), "msg_id": r.get::<i32, _>(2),
                            "attempts": r.get::<i32, _>(3), "created_at": r.get::<String, _>(4),
-                           "last_error": r.get::<Option<String>, _>(5)})
+                           "last_error": r.get::<Option<String>, _>(5),
+                           "endpoint_url": shown_url(&r.get::<String, _>(6))})
                 })
                 .collect();
             if json {
@@ -368,12 +371,13 @@ async fn outbox_command(pool: &MySqlPool, command: OutboxCommand) -> anyhow::Res
             } else {
                 for e in &entries {
                     println!(
-                        "{:>8}  {:<24} msg {:<8} attempts {:<4} {}  {}",
+                        "{:>8}  {:<24} msg {:<8} attempts {:<4} {}  {}  {}",
                         e["id"],
                         e["flow_code"].as_str().unwrap_or_default(),
                         e["msg_id"],
                         e["attempts"],
                         e["created_at"].as_str().unwrap_or_default(),
+                        e["endpoint_url"].as_str().unwrap_or_default(),
                         e["last_error"].as_str().unwrap_or("-")
                     );
                 }
@@ -419,7 +423,11 @@ async fn check(settings: &Settings, pool: &MySqlPool, json: bool) -> anyhow::Res
     for flow in &set.flows {
         if let crate::flows::Action::PostEndpoint { url } = &flow.action {
             if let Err(error) = reachable(url, settings.http_timeout).await {
-                problems.push(format!("flow {}: endpoint {} unreachable: {error}", flow.code, url));
+                problems.push(format!(
+                    "flow {}: endpoint {} unreachable: {error}",
+                    flow.code,
+                    shown_url(url.as_str())
+                ));
             }
         }
     }
@@ -448,6 +456,16 @@ async fn check(settings: &Settings, pool: &MySqlPool, json: bool) -> anyhow::Res
         }
     }
     Ok(if problems.is_empty() { 0 } else { 1 })
+}
+
+/// An endpoint URL as every CLI output shows it: with its password masked exactly as the
+/// service's log masks it. A value that is not a URL at all cannot be masked reliably, so when
+/// it could hold user info it is not shown (its flow's problem says what is wrong with it).
+fn shown_url(raw: &str) -> String {
+    if url::Url::parse(raw.trim()).is_err() && raw.contains('@') {
+        return "(not a valid URL; not shown, as it may hold a password)".to_owned();
+    }
+    crate::outbox::redacted_str(raw)
 }
 
 /// Opens a TCP connection to the endpoint's host and port; sends nothing.

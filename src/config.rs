@@ -4,6 +4,10 @@
 //! password may instead come from a file (`DB_PASSWORD_FILE`) or a systemd credential
 //! (`$CREDENTIALS_DIRECTORY/db-password`), so that it need not sit in the environment at all. It
 //! is held in a [`Secret`], whose `Debug` never shows it.
+//!
+//! Every value is checked here, once: numbers against their ranges (so that no setting can
+//! panic the process later, say by overflowing a `Duration`), TLS settings against each other.
+//! An error names the variable to fix.
 
 use serde::Deserialize;
 use std::fmt;
@@ -93,6 +97,11 @@ struct Raw {
     http_concurrency: usize,
     #[serde(default = "defaults::yes")]
     http_ordered: bool,
+    http_ca_file: Option<PathBuf>,
+    db_ssl_mode: Option<String>,
+    db_ssl_ca: Option<PathBuf>,
+    db_ssl_cert: Option<PathBuf>,
+    db_ssl_key: Option<PathBuf>,
 }
 
 mod defaults {
@@ -190,6 +199,9 @@ pub struct DeliverySettings {
     pub concurrency: usize,
     /// Keep each flow's requests in arrival order (one at a time per flow).
     pub ordered: bool,
+    /// PEM certificates of `HTTP_CA_FILE`, trusted for HTTPS endpoints besides the system's
+    /// roots; read at startup so that a missing or empty file stops the start, naming it.
+    pub extra_roots_pem: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +213,32 @@ pub struct DbSettings {
     pub name: String,
     pub user: String,
     pub password: Secret,
+    pub tls: DbTls,
+}
+
+/// TLS to the database, with the MySQL client's `--ssl-mode` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbSslMode {
+    /// Clear text.
+    Disabled,
+    /// TLS when the server offers it, its certificate not verified; clear text otherwise.
+    Preferred,
+    /// TLS or no connection; the certificate is not verified.
+    Required,
+    /// TLS with a certificate signed by a trusted CA, for any host name.
+    VerifyCa,
+    /// TLS with a trusted certificate that is valid for `DB_HOST`.
+    VerifyIdentity,
+}
+
+#[derive(Debug, Clone)]
+pub struct DbTls {
+    pub mode: DbSslMode,
+    /// PEM CA certificates to verify the server with (`verify_ca`, `verify_identity`); the
+    /// system's roots are trusted too.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain and key for a user that must present one (`REQUIRE X509`).
+    pub client_auth: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -247,12 +285,10 @@ impl Settings {
             (None, None) => return Err(ConfigError::Missing("DB_HOST (or DB_SOCKET)".into())),
         };
         let password = resolve_password(&raw)?;
-        if !(raw.http_timeout_seconds.is_finite() && raw.http_timeout_seconds > 0.0) {
-            return Err(ConfigError::Invalid {
-                name: "HTTP_TIMEOUT_SECONDS".into(),
-                reason: "must be a positive number of seconds".into(),
-            });
-        }
+        let ranges = Ranges::check(&raw)?;
+        let db_tls = db_tls(&raw)?;
+        let http_ca_file = raw.http_ca_file.as_deref().filter(|p| !p.as_os_str().is_empty());
+        let extra_roots_pem = http_ca_file.map(read_ca_file).transpose()?;
         if raw.mqtt_qos > 1 {
             return Err(ConfigError::Invalid {
                 name: "MQTT_QOS".into(),
@@ -273,23 +309,6 @@ impl Settings {
                     reason: "cannot contain '/', '+' or '#'".into(),
                 });
             }
-        }
-        let positive = |name: &str, value: usize| {
-            if value == 0 {
-                Err(ConfigError::Invalid { name: name.into(), reason: "must be at least 1".into() })
-            } else {
-                Ok(value)
-            }
-        };
-        positive("MAX_IN_FLIGHT", raw.max_in_flight)?;
-        positive("MAX_IN_FLIGHT_BYTES", raw.max_in_flight_bytes)?;
-        positive("BATCH_MAX_MESSAGES", raw.batch_max_messages)?;
-        positive("HTTP_CONCURRENCY", raw.http_concurrency)?;
-        if !(raw.http_retry_max_delay_seconds.is_finite() && raw.http_retry_max_delay_seconds >= 0.1) {
-            return Err(ConfigError::Invalid {
-                name: "HTTP_RETRY_MAX_DELAY_SECONDS".into(),
-                reason: "must be at least 0.1".into(),
-            });
         }
         let metrics_addr = match raw.metrics_addr.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
             None => None,
@@ -329,9 +348,10 @@ impl Settings {
                 name: raw.db_name,
                 user: raw.db_user,
                 password,
+                tls: db_tls,
             },
             log_dir: raw.log_dir.filter(|d| !d.as_os_str().is_empty()),
-            http_timeout: Duration::from_secs_f64(raw.http_timeout_seconds),
+            http_timeout: ranges.http_timeout,
             mqtt: MqttSettings {
                 client_id,
                 keepalive: Duration::from_secs(raw.mqtt_keepalive.into()),
@@ -341,8 +361,7 @@ impl Settings {
                 client_id_explicit,
                 tls,
             },
-            // The original clamps with max(1, ...), so 0 and negative values mean one second.
-            reload_interval: Duration::from_secs(raw.flows_reload_interval_seconds.max(1) as u64),
+            reload_interval: ranges.reload_interval,
             default_broker: (raw.mqtt_default_host, raw.mqtt_default_port),
             max_in_flight: raw.max_in_flight,
             max_in_flight_bytes: raw.max_in_flight_bytes,
@@ -352,15 +371,156 @@ impl Settings {
                 max_delay: Duration::from_millis(raw.batch_max_delay_ms),
             },
             delivery: DeliverySettings {
-                timeout: Duration::from_secs_f64(raw.http_timeout_seconds),
+                timeout: ranges.http_timeout,
                 max_attempts: raw.http_max_attempts.max(1),
-                max_age: Duration::from_secs(raw.http_max_age_seconds),
-                max_retry_delay: Duration::from_secs_f64(raw.http_retry_max_delay_seconds),
+                max_age: ranges.http_max_age,
+                max_retry_delay: ranges.http_retry_max_delay,
                 concurrency: raw.http_concurrency,
                 ordered: raw.http_ordered,
+                extra_roots_pem,
             },
         })
     }
+}
+
+/// The longest duration any setting may have: a hundred years, which still means "never" to an
+/// operator, and stays far inside what `Duration`, `Instant` and the timers can add.
+const MAX_SECONDS: u64 = 100 * 365 * 86_400;
+const ONE_DAY: f64 = 86_400.0;
+
+/// The numeric settings, each checked against its range as it is read. Beyond these ranges a
+/// value is a typo or a unit mistake, and some would panic where they are used instead of
+/// failing here with the variable's name: a duration past `Duration`'s range
+/// (`HTTP_TIMEOUT_SECONDS=1e30`), a capacity past what a channel or a `Vec` can hold.
+struct Ranges {
+    http_timeout: Duration,
+    http_retry_max_delay: Duration,
+    http_max_age: Duration,
+    reload_interval: Duration,
+}
+
+impl Ranges {
+    fn check(raw: &Raw) -> Result<Ranges, ConfigError> {
+        port("DB_PORT", raw.db_port)?;
+        port("MQTT_DEFAULT_PORT", raw.mqtt_default_port)?;
+        // 0 turns keepalive off, as MQTT allows; every u16 is a valid number of seconds.
+        count("MAX_IN_FLIGHT", raw.max_in_flight as u64, 1, 1_000_000, "messages")?;
+        count("MAX_IN_FLIGHT_BYTES", raw.max_in_flight_bytes as u64, 1, 1 << 40, "bytes")?;
+        count("BATCH_MAX_MESSAGES", raw.batch_max_messages as u64, 1, 100_000, "messages")?;
+        count("BATCH_MAX_DELAY_MS", raw.batch_max_delay_ms, 0, 60_000, "milliseconds")?;
+        count("HTTP_CONCURRENCY", raw.http_concurrency as u64, 1, 10_000, "requests")?;
+        // Attempts are kept in an INT column; 0 means 1, as before.
+        count("HTTP_MAX_ATTEMPTS", raw.http_max_attempts.into(), 0, 1_000_000_000, "attempts")?;
+        let http_max_age =
+            count("HTTP_MAX_AGE_SECONDS", raw.http_max_age_seconds, 0, MAX_SECONDS, "seconds")?;
+        // The original clamps with max(1, ...), so 0 and negative values mean one second.
+        let reload = raw.flows_reload_interval_seconds.max(1).unsigned_abs();
+        let reload = count("FLOWS_RELOAD_INTERVAL_SECONDS", reload, 1, MAX_SECONDS, "seconds")?;
+        Ok(Ranges {
+            http_timeout: seconds("HTTP_TIMEOUT_SECONDS", raw.http_timeout_seconds, 0.001, ONE_DAY)?,
+            http_retry_max_delay: seconds(
+                "HTTP_RETRY_MAX_DELAY_SECONDS",
+                raw.http_retry_max_delay_seconds,
+                0.1,
+                ONE_DAY,
+            )?,
+            http_max_age: Duration::from_secs(http_max_age),
+            reload_interval: Duration::from_secs(reload),
+        })
+    }
+}
+
+fn count(name: &str, value: u64, min: u64, max: u64, unit: &str) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Invalid {
+            name: name.into(),
+            reason: format!("must be between {min} and {max} {unit}, not {value}"),
+        })
+    }
+}
+
+/// Written so that NaN, which compares false with everything, is refused too.
+fn seconds(name: &str, value: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
+    if min <= value && value <= max {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::Invalid {
+            name: name.into(),
+            reason: format!("must be a number of seconds between {min} and {max}, not {value:?}"),
+        })
+    }
+}
+
+fn port(name: &str, value: u16) -> Result<u16, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Invalid {
+            name: name.into(),
+            reason: "must be a port from 1 to 65535, not 0".into(),
+        });
+    }
+    Ok(value)
+}
+
+fn db_tls(raw: &Raw) -> Result<DbTls, ConfigError> {
+    let invalid =
+        |name: &str, reason: &str| ConfigError::Invalid { name: name.into(), reason: reason.into() };
+    let explicit = match raw.db_ssl_mode.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+        None => None,
+        // The MySQL client spells them in capitals with `--ssl-mode`; both spellings work.
+        Some(mode) => Some(match mode.to_ascii_lowercase().as_str() {
+            "disabled" => DbSslMode::Disabled,
+            "preferred" => DbSslMode::Preferred,
+            "required" => DbSslMode::Required,
+            "verify_ca" => DbSslMode::VerifyCa,
+            "verify_identity" => DbSslMode::VerifyIdentity,
+            _ => {
+                return Err(invalid(
+                    "DB_SSL_MODE",
+                    &format!(
+                        "{mode:?} is not one of disabled, preferred, required, verify_ca, verify_identity"
+                    ),
+                ))
+            }
+        }),
+    };
+    let socket = raw.db_socket.as_ref().is_some_and(|p| !p.as_os_str().is_empty());
+    // The MySQL client does not use TLS over a Unix socket unless told to: the socket never
+    // leaves the machine.
+    let mode = explicit.unwrap_or(if socket { DbSslMode::Disabled } else { DbSslMode::Preferred });
+    // A module or unit file may set a variable to "" for "not set".
+    let set = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+    let ca_file = set(&raw.db_ssl_ca);
+    // A CA that is never consulted would look like protection and be none: refuse it.
+    if ca_file.is_some() && !matches!(mode, DbSslMode::VerifyCa | DbSslMode::VerifyIdentity) {
+        return Err(invalid(
+            "DB_SSL_CA",
+            "is only used to verify the server, with DB_SSL_MODE=verify_ca or verify_identity",
+        ));
+    }
+    let client_auth = match (set(&raw.db_ssl_cert), set(&raw.db_ssl_key)) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err(invalid("DB_SSL_CERT", "DB_SSL_CERT and DB_SSL_KEY go together")),
+    };
+    if client_auth.is_some() && mode == DbSslMode::Disabled {
+        return Err(invalid("DB_SSL_CERT", "a client certificate needs TLS, but DB_SSL_MODE is disabled"));
+    }
+    Ok(DbTls { mode, ca_file, client_auth })
+}
+
+fn read_ca_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let invalid = |reason: String| ConfigError::Invalid { name: "HTTP_CA_FILE".into(), reason };
+    let pem = std::fs::read(path).map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(format!("{} is not PEM: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(format!("{} holds no PEM certificate", path.display())));
+    }
+    Ok(pem)
 }
 
 /// A password file wins over the systemd credential, which wins over `DB_PASSWORD`, so that a
@@ -508,5 +668,160 @@ mod tests {
     fn secrets_never_show_in_debug_output() {
         let s = Settings::from_vars(vars(&[])).unwrap();
         assert!(!format!("{s:?}").contains("p@ss"));
+    }
+
+    /// Every numeric variable; a new one belongs here, so the property below covers it.
+    const NUMERIC: [&str; 14] = [
+        "MAX_IN_FLIGHT_BYTES",
+        "DB_PORT",
+        "HTTP_TIMEOUT_SECONDS",
+        "MQTT_KEEPALIVE",
+        "FLOWS_RELOAD_INTERVAL_SECONDS",
+        "MQTT_DEFAULT_PORT",
+        "MQTT_QOS",
+        "MAX_IN_FLIGHT",
+        "BATCH_MAX_MESSAGES",
+        "BATCH_MAX_DELAY_MS",
+        "HTTP_MAX_ATTEMPTS",
+        "HTTP_MAX_AGE_SECONDS",
+        "HTTP_RETRY_MAX_DELAY_SECONDS",
+        "HTTP_CONCURRENCY",
+    ];
+
+    /// Values an operator might type by mistake, and the edges of every integer type.
+    const EXTREMES: [&str; 30] = [
+        "0",
+        "-0",
+        "1",
+        "-1",
+        "0.5",
+        "1e30",
+        "-1e30",
+        "1e-30",
+        "1e400",
+        "NaN",
+        "nan",
+        "inf",
+        "-inf",
+        "infinity",
+        "",
+        " 5",
+        "5 ",
+        "0x10",
+        "1_000",
+        "65535",
+        "65536",
+        "4294967295",
+        "4294967296",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "18446744073709551615",
+        "18446744073709551616",
+        "99999999999999999999999999999999",
+        "\u{661}",
+        "5s",
+    ];
+
+    /// A value that every use of the settings can take without panicking: durations that
+    /// `Instant` arithmetic and the timers accept, capacities a channel and a `Vec` can hold.
+    fn assert_sane(s: &Settings) {
+        let now = std::time::Instant::now();
+        for d in [
+            s.http_timeout,
+            s.reload_interval,
+            s.batch.max_delay,
+            s.delivery.max_age,
+            s.delivery.max_retry_delay,
+        ] {
+            assert!(d <= Duration::from_secs(MAX_SECONDS) && now.checked_add(d).is_some(), "{d:?}");
+        }
+        assert!(s.http_timeout > Duration::ZERO && s.reload_interval >= Duration::from_secs(1));
+        assert!(s.delivery.max_retry_delay >= Duration::from_millis(100));
+        assert!(s.mqtt.keepalive.is_zero() || s.mqtt.keepalive >= Duration::from_secs(1));
+        assert!((1..=1_000_000).contains(&s.max_in_flight));
+        assert!((1..=100_000).contains(&s.batch.max_messages));
+        assert!((1..=10_000).contains(&s.delivery.concurrency));
+        assert!((1..=i32::MAX as u32).contains(&s.delivery.max_attempts));
+        assert!(s.db.port > 0 && s.default_broker.1 > 0 && s.mqtt.qos <= 1);
+    }
+
+    fn value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::sample::select(&EXTREMES[..]).prop_map(str::to_owned),
+            any::<i128>().prop_map(|v| v.to_string()),
+            any::<u64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| format!("{v:e}")),
+            "\\PC{0,12}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Whatever a numeric variable holds, the settings are sane or the error names it.
+        #[test]
+        fn every_numeric_value_is_sane_or_named(name in proptest::sample::select(&NUMERIC[..]), value in value()) {
+            match Settings::from_vars(vars(&[(name, &value)])) {
+                Ok(settings) => assert_sane(&settings),
+                Err(error) => {
+                    let text = error.to_string();
+                    proptest::prop_assert!(
+                        text.starts_with(&format!("invalid environment variable {name}: ")),
+                        "{name}={value:?}: {text}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_duration_beyond_range_is_refused_not_a_panic() {
+        for (name, value) in [
+            ("HTTP_TIMEOUT_SECONDS", "1e30"),
+            ("HTTP_TIMEOUT_SECONDS", "NaN"),
+            ("HTTP_TIMEOUT_SECONDS", "0"),
+            ("HTTP_RETRY_MAX_DELAY_SECONDS", "inf"),
+            ("HTTP_MAX_AGE_SECONDS", "18446744073709551615"),
+            ("FLOWS_RELOAD_INTERVAL_SECONDS", "9223372036854775807"),
+            ("MAX_IN_FLIGHT", "18446744073709551615"),
+            ("BATCH_MAX_MESSAGES", "0"),
+            ("DB_PORT", "0"),
+        ] {
+            let err = Settings::from_vars(vars(&[(name, value)])).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid environment variable {name}: must be")), "{err}");
+        }
+        let s = Settings::from_vars(vars(&[("HTTP_TIMEOUT_SECONDS", "0.25")])).unwrap();
+        assert_eq!(s.http_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn db_ssl_settings_are_checked_together() {
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        assert_eq!((s.db.tls.mode, s.db.tls.ca_file.is_none()), (DbSslMode::Preferred, true));
+        let s = Settings::from_vars(vars(&[("DB_SOCKET", "/run/mysqld/mysqld.sock")])).unwrap();
+        assert_eq!(s.db.tls.mode, DbSslMode::Disabled, "no TLS over a Unix socket unless asked");
+        let s = Settings::from_vars(vars(&[("DB_SSL_MODE", "VERIFY_CA"), ("DB_SSL_CA", "/ca.pem")])).unwrap();
+        assert_eq!(s.db.tls.mode, DbSslMode::VerifyCa);
+        for (extra, wanted) in [
+            (
+                &[("DB_SSL_MODE", "verify")][..],
+                "invalid environment variable DB_SSL_MODE: \"verify\" is not one of",
+            ),
+            (&[("DB_SSL_CA", "/ca.pem")][..], "invalid environment variable DB_SSL_CA: is only used"),
+            (&[("DB_SSL_CERT", "/c.pem")][..], "DB_SSL_CERT and DB_SSL_KEY go together"),
+            (
+                &[("DB_SSL_MODE", "disabled"), ("DB_SSL_CERT", "/c.pem"), ("DB_SSL_KEY", "/k.pem")][..],
+                "a client certificate needs TLS",
+            ),
+            (
+                &[("HTTP_CA_FILE", "/nonexistent/ca.pem")][..],
+                "invalid environment variable HTTP_CA_FILE: cannot read",
+            ),
+        ] {
+            let err = Settings::from_vars(vars(extra)).unwrap_err().to_string();
+            assert!(err.contains(wanted), "{extra:?}: {err}");
+        }
     }
 }

@@ -5,9 +5,9 @@
 //! (which broke the original's `mysql+pymysql://` string) works as it is and is never formatted
 //! into text that could be logged.
 
-use crate::config::DbSettings;
+use crate::config::{DbSettings, DbSslMode};
 use crate::flows::FlowRow;
-use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlSslMode};
 use sqlx::{MySql, Transaction};
 use std::time::Duration;
 
@@ -22,14 +22,30 @@ pub struct BrokerRow {
 
 /// Opens the pool. `pool_pre_ping` of the original is sqlx's `test_before_acquire`, on by
 /// default: a connection the server dropped is replaced rather than failing a message.
-pub async fn connect(settings: &DbSettings) -> Result<MySqlPool, sqlx::Error> {
+/// TLS is sqlx's own (rustls with ring, the system's roots plus `DB_SSL_CA`).
+pub async fn connect(settings: &DbSettings) -> anyhow::Result<MySqlPool> {
     let options = MySqlConnectOptions::new()
         .host(&settings.host)
         .port(settings.port)
         .username(&settings.user)
         .password(settings.password.expose())
         .database(&settings.name)
-        .charset("utf8mb4");
+        .charset("utf8mb4")
+        .ssl_mode(match settings.tls.mode {
+            DbSslMode::Disabled => MySqlSslMode::Disabled,
+            DbSslMode::Preferred => MySqlSslMode::Preferred,
+            DbSslMode::Required => MySqlSslMode::Required,
+            DbSslMode::VerifyCa => MySqlSslMode::VerifyCa,
+            DbSslMode::VerifyIdentity => MySqlSslMode::VerifyIdentity,
+        });
+    let options = match &settings.tls.ca_file {
+        Some(ca) => options.ssl_ca(ca),
+        None => options,
+    };
+    let options = match &settings.tls.client_auth {
+        Some((cert, key)) => options.ssl_client_cert(cert).ssl_client_key(key),
+        None => options,
+    };
     let options = match &settings.socket {
         Some(socket) => options.socket(socket),
         None => options,
@@ -39,6 +55,39 @@ pub async fn connect(settings: &DbSettings) -> Result<MySqlPool, sqlx::Error> {
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
+        .map_err(|error| anyhow::Error::msg(explained(&error)))
+}
+
+/// The error in one line, each cause once. rustls names a refused certificate in its own words
+/// (`UnknownIssuer`); the operator also needs to know which setting to look at.
+fn explained(error: &sqlx::Error) -> String {
+    let text = crate::outbox::error_chain(error);
+    let hints = [
+        (
+            "UnknownIssuer",
+            "the database server's certificate is not signed by a CA in DB_SSL_CA (or the system's roots)",
+        ),
+        ("NotValidForName", "the database server's certificate is not valid for DB_HOST"),
+        ("not valid for name", "the database server's certificate is not valid for DB_HOST"),
+        ("Expired", "the database server's certificate has expired (or this machine's clock is wrong)"),
+        (
+            "certificate expired",
+            "the database server's certificate has expired (or this machine's clock is wrong)",
+        ),
+        (
+            "server does not support TLS",
+            "the database server does not offer TLS; DB_SSL_MODE=preferred would fall back to clear text",
+        ),
+        (
+            "CertificateRequired",
+            "the database server requires a client certificate: set DB_SSL_CERT and DB_SSL_KEY",
+        ),
+        ("UnknownCA", "the database server does not trust the client certificate (DB_SSL_CERT)"),
+    ];
+    match hints.iter().find(|(needle, _)| text.contains(needle)) {
+        Some((_, hint)) => format!("{text} ({hint})"),
+        None => text,
+    }
 }
 
 /// Creates the tables that are missing; leaves existing ones as they are.

@@ -10,17 +10,73 @@ use crate::health::Health;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::Unit;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::MySqlPool;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Buckets for every histogram: seconds (commit, HTTP) and message counts (batch size) share
-/// them well enough from a millisecond to a few thousand.
-const BUCKETS: [f64; 16] =
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 50.0, 100.0, 500.0, 2000.0];
+/// Latencies (a commit, a POST): from half a millisecond, below which nothing on this path
+/// finishes, to ten seconds, the default HTTP timeout.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Every series: its name, HELP text and unit. `/metrics` prints the HELP of each, so that
+/// `promtool check metrics` accepts it and a reader of the scrape knows what each one counts.
+const SERIES: [(&str, Kind, &str); 15] = [
+    ("mqtt_gateway_messages_received_total", Kind::Counter, "Messages taken from the broker"),
+    (
+        "mqtt_gateway_messages_invalid_total",
+        Kind::Counter,
+        "Messages that were not a UTF-8 JSON object; acknowledged and dropped, as the original did",
+    ),
+    (
+        "mqtt_gateway_messages_processed_total",
+        Kind::Counter,
+        "Messages a flow stored (STORE_DB) or queued for its endpoint (POST_ENDPOINT), by flow and action",
+    ),
+    (
+        "mqtt_gateway_messages_failed_total",
+        Kind::Counter,
+        "Messages a flow refused (schema mismatch, unusable payload), by flow and action",
+    ),
+    (
+        "mqtt_gateway_last_message_timestamp_seconds",
+        Kind::Gauge,
+        "Unix time in seconds of the last message a flow processed",
+    ),
+    ("mqtt_gateway_batch_messages", Kind::Histogram, "Messages committed per database transaction"),
+    (
+        "mqtt_gateway_commit_seconds",
+        Kind::Histogram,
+        "Duration of one batch's database transaction in seconds",
+    ),
+    (
+        "mqtt_gateway_http_request_seconds",
+        Kind::Histogram,
+        "Duration of one POST to an endpoint in seconds, by endpoint host",
+    ),
+    (
+        "mqtt_gateway_http_responses_total",
+        Kind::Counter,
+        "POST outcomes by endpoint host and class (2xx, 4xx, 5xx, other, or error when no response came)",
+    ),
+    ("mqtt_gateway_outbox_pending", Kind::Gauge, "POST_ENDPOINT requests waiting in gateway_outbox"),
+    ("mqtt_gateway_outbox_dead", Kind::Gauge, "POST_ENDPOINT requests given up on, kept in gateway_outbox"),
+    ("mqtt_gateway_broker_connected", Kind::Gauge, "1 while connected to the MQTT broker, else 0"),
+    ("mqtt_gateway_broker_reconnects_total", Kind::Counter, "Connections to the broker after the first"),
+    ("mqtt_gateway_flows_loaded", Kind::Gauge, "Enabled flows that work"),
+    ("mqtt_gateway_flows_broken", Kind::Gauge, "Enabled flows skipped because their row cannot work"),
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
 
 #[derive(Clone)]
 struct Endpoints {
@@ -31,8 +87,24 @@ struct Endpoints {
 
 /// Installs the recorder; call before anything records. The unlabelled series exist from the
 /// start, at zero, so that dashboards and alerts see them before the first event.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new().set_buckets(&BUCKETS)?.install_recorder()?;
+pub fn install(batch_max_messages: usize) -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("mqtt_gateway_batch_messages".into()),
+            &batch_buckets(batch_max_messages),
+        )?
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)?
+        .install_recorder()?;
+    for (name, kind, help) in SERIES {
+        let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
+        match (kind, unit) {
+            (Kind::Counter, _) => metrics::describe_counter!(name, help),
+            (Kind::Gauge, Some(unit)) => metrics::describe_gauge!(name, unit, help),
+            (Kind::Gauge, None) => metrics::describe_gauge!(name, help),
+            (Kind::Histogram, Some(unit)) => metrics::describe_histogram!(name, unit, help),
+            (Kind::Histogram, None) => metrics::describe_histogram!(name, Unit::Count, help),
+        }
+    }
     for counter in [
         "mqtt_gateway_messages_received_total",
         "mqtt_gateway_messages_invalid_total",
@@ -45,6 +117,20 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         metrics::gauge!(gauge).set(0.0);
     }
     Ok(handle)
+}
+
+/// Batch sizes from 1 to the largest batch there can be: 1, 2, 5, 10, 20, 50 ... below
+/// `BATCH_MAX_MESSAGES`, and `BATCH_MAX_MESSAGES` itself, so a full batch has its own bucket.
+fn batch_buckets(max: usize) -> Vec<f64> {
+    let max = max.max(1) as f64;
+    let mut buckets: Vec<f64> = [1.0, 2.0, 5.0]
+        .iter()
+        .flat_map(|step| (0..7).map(move |power| step * 10f64.powi(power)))
+        .filter(|b| *b < max)
+        .collect();
+    buckets.push(max);
+    buckets.sort_by(f64::total_cmp);
+    buckets
 }
 
 /// Serves until shutdown.
@@ -123,5 +209,18 @@ async fn refresh_outbox_depth(pool: MySqlPool, shutdown: CancellationToken) {
             metrics::gauge!("mqtt_gateway_outbox_pending").set(pending as f64);
             metrics::gauge!("mqtt_gateway_outbox_dead").set(dead as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_buckets;
+
+    #[test]
+    fn batch_buckets_end_at_the_largest_batch() {
+        assert_eq!(batch_buckets(500), [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]);
+        assert_eq!(batch_buckets(7), [1.0, 2.0, 5.0, 7.0]);
+        assert_eq!(batch_buckets(1), [1.0]);
+        assert_eq!(batch_buckets(100_000).last(), Some(&100_000.0));
     }
 }

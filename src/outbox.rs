@@ -99,10 +99,13 @@ impl Outbox {
         owner: String,
         signal: Arc<OutboxSignal>,
     ) -> Result<Outbox, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .pool_max_idle_per_host(settings.concurrency)
-            .build()?;
+        let mut http =
+            reqwest::Client::builder().timeout(settings.timeout).pool_max_idle_per_host(settings.concurrency);
+        if let Some(pem) = &settings.extra_roots_pem {
+            // HTTP_CA_FILE adds to the system's roots; it does not replace them.
+            http = http.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem)?);
+        }
+        let http = http.build()?;
         Ok(Outbox { pool, http, settings, owner, signal, endpoints: Mutex::default() })
     }
 
@@ -482,7 +485,7 @@ enum PostError {
 
 /// reqwest's top-level message ("error sending request") hides the cause an operator needs
 /// (connection refused, timed out, certificate ...), which sits further down the chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

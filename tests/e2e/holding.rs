@@ -225,8 +225,9 @@ async fn a_full_disk_holds_the_stream_and_loses_nothing() {
     }
     let disk = SmallDisk::mount(300);
     let data = disk.dir.path().join("data");
-    let server = MariaDb::start_with(Durability::Relaxed, Some(data), &["--innodb-use-native-aio=0"])
-        .expect("MariaDB on a tmpfs");
+    let server =
+        MariaDb::start_in(Durability::Relaxed, Some(data), &["--innodb-use-native-aio=0".to_owned()])
+            .expect("MariaDB on a tmpfs");
     let mut env = TestEnv::on(&server).await;
     let topic = env.topic("full");
     env.add_flow("S", &topic, "STORE_DB", "{}", None).await;

@@ -68,7 +68,8 @@ async fn a_burst_of_megabyte_messages_is_stored_whole_with_a_wide_broker_window(
 #[tokio::test]
 async fn a_message_too_big_for_the_server_fails_alone() {
     // 64 KiB: a 50 KB value still fits TEXT, but not one statement with its row.
-    let server = MariaDb::start_with(Durability::Relaxed, None, &["--max-allowed-packet=65536"]).unwrap();
+    let server =
+        MariaDb::start_with(Durability::Relaxed, &["--max-allowed-packet=65536".to_owned()]).unwrap();
     let env = TestEnv::on(&server).await;
     let (store, post, small) = (env.topic("store"), env.topic("post"), env.topic("small"));
     env.add_flow("S", &store, "STORE_DB", "{}", None).await;

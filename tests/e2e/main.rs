@@ -4,19 +4,25 @@
 //!
 //! Run with `cargo xtask e2e` (or `cargo test --test e2e`).
 
+mod certs;
 mod harness;
 
 mod bad_input;
 mod broker;
 mod cli;
+mod cli_redaction;
+mod db_tls;
 mod delivery;
 mod holding;
+mod https;
 mod large;
 mod logs;
 mod metrics;
 mod post_endpoint;
+mod prometheus;
 mod reload;
 mod session;
+mod settings;
 mod shutdown;
 mod startup;
 mod store_db;

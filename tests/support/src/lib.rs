@@ -1,6 +1,7 @@
 //! Real services for mqtt-gateway's tests, benchmark and demo: a MariaDB server, a Mosquitto
-//! broker and an HTTP echo server, each on a free loopback port in its own temporary directory,
-//! plus a handle on a running gateway process and a QoS 1 publisher.
+//! broker, an HTTP echo server (with a TLS front for HTTPS) and a Prometheus server, each on a
+//! free loopback port in its own temporary directory, plus a handle on a running gateway process
+//! and a QoS 1 publisher.
 //!
 //! Nothing is mocked. Processes are stopped when their handle drops, and at process exit for
 //! the shared ones; a run that was killed leaves directories that the next run sweeps away,
@@ -11,15 +12,19 @@ mod echo;
 mod gateway;
 pub mod mariadb;
 mod mosquitto;
+mod prometheus;
 mod proxy;
 mod publish;
+mod tls_front;
 
 pub use echo::{EchoServer, Recorded};
 pub use gateway::Gateway;
 pub use mariadb::MariaDb;
 pub use mosquitto::Mosquitto;
+pub use prometheus::Prometheus;
 pub use proxy::DelayProxy;
 pub use publish::Publisher;
+pub use tls_front::TlsFront;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -27,15 +27,19 @@ pub enum Durability {
 
 impl MariaDb {
     pub fn start(durability: Durability) -> anyhow::Result<MariaDb> {
-        MariaDb::start_with(durability, None, &[])
+        MariaDb::start_with(durability, &[])
     }
 
-    /// A server whose data directory is `data` (say, on a small filesystem a test fills up),
-    /// with extra server options.
-    pub fn start_with(
+    /// With extra server options, such as `--ssl-cert=...` or `--require-secure-transport=ON`.
+    pub fn start_with(durability: Durability, extra_args: &[String]) -> anyhow::Result<MariaDb> {
+        MariaDb::start_in(durability, None, extra_args)
+    }
+
+    /// With its data directory at `data` (say, on a small filesystem a test fills up).
+    pub fn start_in(
         durability: Durability,
         data: Option<PathBuf>,
-        extra: &[&str],
+        extra_args: &[String],
     ) -> anyhow::Result<MariaDb> {
         let server = crate::require_program("mariadbd", "mariadb-server")?;
         let install = crate::require_program("mariadb-install-db", "mariadb-server")?;
@@ -78,7 +82,7 @@ impl MariaDb {
             format!("--innodb-flush-log-at-trx-commit={flush}"),
         ];
         args.extend(user_arg());
-        args.extend(extra.iter().map(|a| a.to_string()));
+        args.extend(extra_args.iter().cloned());
         let mut db = MariaDb { port, socket, dir, server, args, child: None };
         db.start_server()?;
         Ok(db)

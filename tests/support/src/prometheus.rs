@@ -1,0 +1,72 @@
+//! A Prometheus server of our own (Debian package `prometheus`): its configuration and data in a
+//! temporary directory, its web UI and API on a free loopback port, scraping one target every
+//! second so that a test sees `rate()` over fresh samples within seconds.
+
+use crate::cleanup;
+use anyhow::{bail, Context};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Prometheus {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Prometheus {
+    /// Scrapes `target` (`host:port`, path `/metrics`) every second as job `mqtt-gateway`.
+    pub fn start(target: &str) -> anyhow::Result<Prometheus> {
+        let program = crate::require_program("prometheus", "prometheus")?;
+        let dir = cleanup::service_dir("prometheus")?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: mqtt-gateway\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )?;
+        let port = crate::free_port();
+        let log = std::fs::File::create(dir.join("prometheus.log"))?;
+        let child = Command::new(&program)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        cleanup::register(child.id(), &dir);
+        let mut server = Prometheus { port, dir, child: Some(child) };
+        let started = crate::wait_until(Duration::from_secs(30), || {
+            crate::wait_for_port(port, Duration::ZERO)
+                || matches!(server.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))))
+        });
+        if !started || matches!(server.child.as_mut().map(Child::try_wait), Some(Ok(Some(_)))) {
+            bail!(
+                "prometheus did not start on port {port}; see {}",
+                server.dir.join("prometheus.log").display()
+            );
+        }
+        Ok(server)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            cleanup::terminate(child);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
