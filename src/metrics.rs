@@ -25,7 +25,7 @@ const LATENCY_BUCKETS: [f64; 14] =
 
 /// Every series: its name, HELP text and unit. `/metrics` prints the HELP of each, so that
 /// `promtool check metrics` accepts it and a reader of the scrape knows what each one counts.
-const SERIES: [(&str, Kind, &str); 15] = [
+const SERIES: [(&str, Kind, &str); 18] = [
     ("mqtt_gateway_messages_received_total", Kind::Counter, "Messages taken from the broker"),
     (
         "mqtt_gateway_messages_invalid_total",
@@ -69,6 +69,21 @@ const SERIES: [(&str, Kind, &str); 15] = [
     ("mqtt_gateway_broker_reconnects_total", Kind::Counter, "Connections to the broker after the first"),
     ("mqtt_gateway_flows_loaded", Kind::Gauge, "Enabled flows that work"),
     ("mqtt_gateway_flows_broken", Kind::Gauge, "Enabled flows skipped because their row cannot work"),
+    (
+        "mqtt_gateway_in_flight_bytes",
+        Kind::Gauge,
+        "Payload bytes taken from the broker and not yet acknowledged (reading pauses at MAX_IN_FLIGHT_BYTES)",
+    ),
+    (
+        "mqtt_gateway_subscriptions_refused",
+        Kind::Gauge,
+        "Topic filters the broker refused on the current connection",
+    ),
+    (
+        "mqtt_gateway_database_holding",
+        Kind::Gauge,
+        "1 while the database cannot take writes and messages are held unacknowledged, by error code",
+    ),
 ];
 
 #[derive(Clone, Copy, PartialEq)]
@@ -112,8 +127,13 @@ pub fn install(batch_max_messages: usize) -> anyhow::Result<PrometheusHandle> {
     ] {
         metrics::counter!(counter).absolute(0);
     }
-    for gauge in ["mqtt_gateway_broker_connected", "mqtt_gateway_outbox_pending", "mqtt_gateway_outbox_dead"]
-    {
+    for gauge in [
+        "mqtt_gateway_broker_connected",
+        "mqtt_gateway_outbox_pending",
+        "mqtt_gateway_outbox_dead",
+        "mqtt_gateway_in_flight_bytes",
+        "mqtt_gateway_subscriptions_refused",
+    ] {
         metrics::gauge!(gauge).set(0.0);
     }
     Ok(handle)
