@@ -43,6 +43,11 @@ async fn a_verified_tls_connection_carries_messages() {
 
 /// Publishes one message through the TLS listener itself, trusting the same CA.
 async fn publish_tls(port: u16, ca: &Ca, topic: &str) {
+    publish_tls_many(port, ca, topic, &[br#"{"v": 1}"#.to_vec()]).await;
+}
+
+/// Publishes each payload with QoS 1 through the TLS listener, waiting for every PUBACK.
+async fn publish_tls_many(port: u16, ca: &Ca, topic: &str, payloads: &[Vec<u8>]) {
     mqtt_gateway::tls::install_crypto_provider();
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
     let mut options = MqttOptions::new(format!("tls-pub-{port}"), "127.0.0.1", port);
@@ -51,15 +56,57 @@ async fn publish_tls(port: u16, ca: &Ca, topic: &str) {
         alpn: None,
         client_auth: None,
     }));
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
-    client.publish(topic, QoS::AtLeastOnce, false, br#"{"v": 1}"#.to_vec()).await.unwrap();
-    loop {
+    let (client, mut eventloop) = AsyncClient::new(options, payloads.len() + 10);
+    for payload in payloads {
+        client.publish(topic, QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
+    }
+    let mut acked = 0;
+    while acked < payloads.len() {
         match tokio::time::timeout(WAIT, eventloop.poll()).await.expect("publisher stalled") {
-            Ok(Event::Incoming(Packet::PubAck(_))) => return,
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
             Ok(_) => {}
             Err(e) => panic!("TLS publisher: {e}"),
         }
     }
+}
+
+#[tokio::test]
+async fn over_a_slow_link_tls_reconnects_after_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (cert, key) = ca.issue(dir.path(), "server", &["127.0.0.1"], false);
+    let mut broker = Mosquitto::start_with(&format!(
+        "allow_anonymous true\npersistence true\npersistence_location {{dir}}/\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        ca.write(dir.path(), "broker-ca.pem").display(),
+        cert.display(),
+        key.display()
+    ))
+    .unwrap();
+    // Everything the gateway sends (handshake, CONNECT, SUBSCRIBE, acks) takes 0.5 s longer.
+    let proxy = testkit::DelayProxy::start(broker.port, std::time::Duration::from_millis(500)).await.unwrap();
+    let mut env = tls_env(&broker, &ca.write(dir.path(), "ca.pem")).await;
+    env.set("MQTT_DEFAULT_PORT", proxy.port.to_string());
+    let topic = env.topic("t");
+    env.add_flow("F", &topic, "STORE_DB", "{}", None).await;
+    let gateway = env.start().await;
+
+    broker.stop();
+    wait_log(&gateway, "Lost connection to MQTT broker").await;
+    broker.restart().unwrap();
+    let payloads: Vec<Vec<u8>> = (1..=50).map(|i| format!(r#"{{"i": {i}}}"#).into_bytes()).collect();
+    publish_tls_many(broker.port, &ca, &topic, &payloads).await;
+    // Polled asynchronously: the proxy runs on this test's runtime.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while gateway.count("Reconnected to MQTT broker") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no TLS reconnect over the slow link:\n{}",
+            gateway.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    env.wait_distinct("F", 50, std::time::Duration::from_secs(30)).await;
+    drop(proxy);
 }
 
 #[tokio::test]
