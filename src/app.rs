@@ -113,8 +113,25 @@ async fn run_with_pool(
         ),
         _ => None,
     };
-    let (mut session, subscriber, acker) =
-        BrokerSession::new(target, subscriptions, flows_rx.clone(), messages_tx, window, Arc::clone(&health));
+    // A clean session is never kept by the broker: nothing to remember.
+    let memory = match settings.mqtt.clean_session {
+        true => None,
+        false => Some(
+            mqtt::Memory::load(pool.clone(), settings.mqtt.client_id.clone())
+                .await
+                .context("cannot read gateway_subscriptions")
+                .map_err(startup)?,
+        ),
+    };
+    let (mut session, subscriber, acker) = BrokerSession::new(
+        target,
+        subscriptions,
+        flows_rx.clone(),
+        messages_tx,
+        window,
+        memory,
+        Arc::clone(&health),
+    );
     let mut reloader = Reloader::new(pool.clone(), flows_tx, subscriber, Arc::clone(&health));
     reloader.report_broken(&flows_rx.borrow().broken);
 

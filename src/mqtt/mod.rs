@@ -190,6 +190,73 @@ impl SubscriptionHandle {
     }
 }
 
+/// What the broker confirmed to this client id, kept in `gateway_subscriptions` so that it
+/// survives the gateway's restarts. With a persistent session the broker keeps subscriptions
+/// too; subscribing again would make it resend every retained message, which the gateway
+/// would store again. So when the broker says the session is present, the filters it is known
+/// to hold are not subscribed again. Rows are written after the SUBACK and deleted before the
+/// UNSUBSCRIBE: the table never claims more than the broker holds.
+pub struct Memory {
+    pool: sqlx::MySqlPool,
+    client_id: String,
+    /// Per topic filter: the filter as sent (with its shared group) and the QoS asked.
+    known: BTreeMap<String, (String, u8)>,
+}
+
+impl Memory {
+    pub async fn load(pool: sqlx::MySqlPool, client_id: String) -> Result<Memory, sqlx::Error> {
+        let rows = crate::db::remembered_subscriptions(&pool, &client_id).await?;
+        let known = rows.into_iter().map(|r| (r.topic_filter, (r.broker_filter, r.qos as u8))).collect();
+        Ok(Memory { pool, client_id, known })
+    }
+
+    fn remember(&mut self, entries: Vec<crate::db::SubscriptionRow>) {
+        for row in &entries {
+            self.known.insert(row.topic_filter.clone(), (row.broker_filter.clone(), row.qos as u8));
+        }
+        let (pool, client_id) = (self.pool.clone(), self.client_id.clone());
+        tokio::spawn(async move {
+            if let Err(error) = crate::db::remember_subscriptions(&pool, &client_id, &entries).await {
+                // Harmless: the filters are subscribed again after the next restart.
+                tracing::debug!("Cannot record subscriptions: {error}");
+            }
+        });
+    }
+
+    /// Forgets `filters` (all when `None`), then reports on `done` whether it worked.
+    fn forget(
+        &mut self,
+        filters: Option<Vec<String>>,
+        done: Option<(mpsc::UnboundedSender<Forgotten>, u64)>,
+    ) {
+        match &filters {
+            Some(filters) => filters.iter().for_each(|f| {
+                self.known.remove(f);
+            }),
+            None => self.known.clear(),
+        }
+        let (pool, client_id) = (self.pool.clone(), self.client_id.clone());
+        tokio::spawn(async move {
+            let forgotten = crate::db::forget_subscriptions(&pool, &client_id, filters.as_deref()).await;
+            if let Err(error) = &forgotten {
+                tracing::warn!(
+                    "Cannot update gateway_subscriptions, keeping the subscriptions for now: {error}"
+                );
+            }
+            if let (Some((done, connection)), Some(filters)) = (done, filters) {
+                let _ = done.send(Forgotten { connection, filters, ok: forgotten.is_ok() });
+            }
+        });
+    }
+}
+
+/// Filters forgotten in `gateway_subscriptions`, ready to be unsubscribed.
+struct Forgotten {
+    connection: u64,
+    filters: Vec<String>,
+    ok: bool,
+}
+
 /// How the broker answered one filter on the current connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Grant {
@@ -211,6 +278,8 @@ struct Link {
     /// SUBSCRIBEs and UNSUBSCRIBEs sent and not yet answered, by packet id.
     subscribing: HashMap<u16, Vec<String>>,
     unsubscribing: HashMap<u16, Vec<String>>,
+    /// Filters being forgotten in `gateway_subscriptions` before their UNSUBSCRIBE.
+    forgetting: BTreeSet<String>,
     /// What the broker answered for each filter on this connection.
     granted: BTreeMap<String, Grant>,
 }
@@ -228,7 +297,7 @@ impl Link {
     }
 
     fn pending(&self) -> bool {
-        !self.subscribing.is_empty() || !self.unsubscribing.is_empty()
+        !self.subscribing.is_empty() || !self.unsubscribing.is_empty() || !self.forgetting.is_empty()
     }
 }
 
@@ -262,6 +331,10 @@ pub struct BrokerSession {
     health: Arc<Health>,
     processor: Option<JoinHandle<()>>,
     tick: tokio::time::Interval,
+    /// `None` with a clean session, which the broker never keeps.
+    memory: Option<Memory>,
+    forgotten_tx: mpsc::UnboundedSender<Forgotten>,
+    forgotten: mpsc::UnboundedReceiver<Forgotten>,
 }
 
 impl BrokerSession {
@@ -273,8 +346,10 @@ impl BrokerSession {
         flows: watch::Receiver<Arc<FlowSet>>,
         messages: mpsc::UnboundedSender<Message>,
         window: Arc<Window>,
+        memory: Option<Memory>,
         health: Arc<Health>,
     ) -> (BrokerSession, SubscriptionHandle, Acker) {
+        let (forgotten_tx, forgotten) = mpsc::unbounded_channel();
         let (want_tx, wants) = mpsc::unbounded_channel();
         let (ack_tx, acks) = mpsc::unbounded_channel();
         let wanted = flows.borrow().filters();
@@ -299,6 +374,9 @@ impl BrokerSession {
             health,
             processor: None,
             tick,
+            memory,
+            forgotten_tx,
+            forgotten,
         };
         (session, SubscriptionHandle(want_tx), Acker(ack_tx))
     }
@@ -427,6 +505,12 @@ impl BrokerSession {
                     Happened::Lost("the connection's tasks ended".to_owned())
                 }
             },
+            forgotten = self.forgotten.recv() => {
+                if let Some(forgotten) = forgotten {
+                    self.unsubscribe(forgotten);
+                }
+                Happened::Nothing
+            }
             want = self.wants.recv() => {
                 if let Some(want) = want {
                     self.wanted = want.filters;
@@ -499,6 +583,7 @@ impl BrokerSession {
             events_tx.clone(),
         ));
         let writer = tokio::spawn(connection::write_packets(write, queued, events_tx));
+        let granted = self.kept_subscriptions(connected.connack.session_present);
         let now = Instant::now();
         self.link = Some(Link {
             id: self.connections,
@@ -512,10 +597,40 @@ impl BrokerSession {
             next_pkid: 0,
             subscribing: HashMap::new(),
             unsubscribing: HashMap::new(),
-            granted: BTreeMap::new(),
+            forgetting: BTreeSet::new(),
+            granted,
         });
         self.sync_subscriptions();
         self.check_ready();
+    }
+
+    /// What the broker still holds of earlier connections: with a session present, the filters
+    /// `gateway_subscriptions` knows, as asked now (same shared group, same QoS); without one,
+    /// nothing, and the memory is cleared.
+    fn kept_subscriptions(&mut self, session_present: bool) -> BTreeMap<String, Grant> {
+        let Some(memory) = self.memory.as_mut() else { return BTreeMap::new() };
+        if !session_present {
+            if !memory.known.is_empty() {
+                memory.forget(None, None);
+            }
+            return BTreeMap::new();
+        }
+        let qos = self.subscriptions.qos as u8;
+        let kept: BTreeMap<String, Grant> = memory
+            .known
+            .iter()
+            .filter(|(filter, (sent, asked))| {
+                *sent == self.subscriptions.broker_filter(filter) && *asked == qos
+            })
+            .map(|(filter, _)| (filter.clone(), Grant::Granted(self.subscriptions.qos)))
+            .collect();
+        let wanted: Vec<&str> =
+            kept.keys().filter(|f| self.wanted.contains(*f)).map(String::as_str).collect();
+        if !wanted.is_empty() {
+            // Not subscribed again: the broker would resend every retained message.
+            tracing::info!("The broker's session still holds the subscriptions to {}", wanted.join(", "));
+        }
+        kept
     }
 
     /// The connection is gone: forget it, give back what its unread events held, and
@@ -619,14 +734,39 @@ impl BrokerSession {
             link.send(Packet::Subscribe(subscribe));
             link.subscribing.insert(pkid, new);
         }
-        let leaving: BTreeSet<&String> = link.unsubscribing.values().flatten().collect();
+        let leaving: BTreeSet<&String> =
+            link.unsubscribing.values().flatten().chain(&link.forgetting).collect();
         let old: Vec<String> = link
             .granted
-            .keys()
-            .filter(|f| !self.wanted.contains(*f) && !leaving.contains(f))
-            .cloned()
+            .iter()
+            .filter(|(f, grant)| {
+                !self.wanted.contains(*f) && !leaving.contains(f) && **grant != Grant::Refused
+            })
+            .map(|(f, _)| f.clone())
             .collect();
-        if !old.is_empty() {
+        if old.is_empty() {
+            return;
+        }
+        let connection = link.id;
+        match self.memory.as_mut() {
+            // Forgotten first, unsubscribed once that is done (see `Memory`).
+            Some(memory) => {
+                link.forgetting.extend(old.iter().cloned());
+                memory.forget(Some(old), Some((self.forgotten_tx.clone(), connection)));
+            }
+            None => self.unsubscribe(Forgotten { connection, filters: old, ok: true }),
+        }
+    }
+
+    /// Sends the UNSUBSCRIBE for filters no flow uses any more, on the connection they were
+    /// meant for.
+    fn unsubscribe(&mut self, forgotten: Forgotten) {
+        let Some(link) = self.link.as_mut().filter(|link| link.id == forgotten.connection) else { return };
+        for filter in &forgotten.filters {
+            link.forgetting.remove(filter);
+        }
+        let old: Vec<String> = forgotten.filters.into_iter().filter(|f| !self.wanted.contains(f)).collect();
+        if forgotten.ok && !old.is_empty() {
             let pkid = link.pkid();
             let mut unsubscribe = Unsubscribe::new(self.subscriptions.broker_filter(&old[0]));
             unsubscribe.topics = old.iter().map(|f| self.subscriptions.broker_filter(f)).collect();
@@ -634,6 +774,7 @@ impl BrokerSession {
             link.send(Packet::Unsubscribe(unsubscribe));
             link.unsubscribing.insert(pkid, old);
         }
+        self.check_ready();
     }
 
     /// Records the broker's answer to one SUBSCRIBE, and says what it means for the flows.
@@ -679,6 +820,19 @@ impl BrokerSession {
         }
         if !accepted.is_empty() {
             tracing::info!("Subscribed to {}", accepted.join(", "));
+            if let Some(memory) = self.memory.as_mut() {
+                let qos = self.subscriptions.qos as i8;
+                memory.remember(
+                    accepted
+                        .iter()
+                        .map(|f| crate::db::SubscriptionRow {
+                            topic_filter: f.to_string(),
+                            broker_filter: self.subscriptions.broker_filter(f),
+                            qos,
+                        })
+                        .collect(),
+                );
+            }
         }
         let refused: Vec<String> =
             link.granted.iter().filter(|(_, g)| **g == Grant::Refused).map(|(f, _)| f.clone()).collect();

@@ -82,8 +82,9 @@ async fn over_a_slow_link_the_gateway_reconnects_after_a_broker_restart_and_lose
     assert_eq!(seen.first(), Some(&503), "not ready while disconnected: {seen:?}");
     assert_eq!(seen.last(), Some(&200), "ready again once subscribed: {seen:?}");
     assert!(
-        gateway.count(&format!("Subscribed to {topic}")) >= 2,
-        "ready only after resubscribing:\n{}",
+        gateway.count(&format!("Subscribed to {topic}")) >= 2
+            || gateway.count(&format!("session still holds the subscriptions to {topic}")) >= 1,
+        "ready only once subscribed:\n{}",
         gateway.logs()
     );
     drop(proxy);
@@ -121,17 +122,21 @@ async fn a_client_id_taken_over_again_and_again_slows_reconnects_down_and_recove
     assert!(gateway_connections >= 2, "the gateway kept trying:\n{log}");
     assert!(gateway_connections <= 8, "the reconnect delay grows: {gateway_connections} connections in 10 s");
 
-    // Once the other client is gone, the gateway comes back by itself.
-    eventually_within(Duration::from_secs(60), "the gateway reconnected", || {
-        broker.log().lines().filter(|l| l.contains(&format!("as {client_id} (")) && l.contains("k60")).count()
-            > gateway_connections
-    })
-    .await;
-    publish_to(broker.port, &topic, &[br#"{"i": 1}"#]).await;
-    env.wait_distinct("S", 1, Duration::from_secs(30)).await;
+    // Once the other client is gone, the gateway comes back by itself, within its longest
+    // reconnect delay. (The other client's clean sessions wiped the gateway's, so what is
+    // published while it is away is delivered to no one: publish until one arrives.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    while env.distinct_i("S").await.0 == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the gateway did not come back:\n{}", gateway.logs());
+        i += 1;
+        publish_to(broker.port, &topic, &[format!(r#"{{"i": {i}}}"#).as_bytes()]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     drop(gateway);
 }
 
+/// Polls `check` (asynchronously, so services on this runtime go on) until it holds.
 async fn eventually_within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !check() {

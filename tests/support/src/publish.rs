@@ -52,6 +52,13 @@ impl Publisher {
         Ok(())
     }
 
+    /// Publishes a message the broker keeps for every future subscriber (`retain`).
+    pub async fn publish_retained(&mut self, topic: &str, payload: impl Into<Vec<u8>>) -> anyhow::Result<()> {
+        self.client.publish(topic, QoS::AtLeastOnce, true, payload.into()).await?;
+        self.sent += 1;
+        Ok(())
+    }
+
     /// Waits until the broker acknowledged everything published so far.
     pub async fn flush(&self, limit: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + limit;
