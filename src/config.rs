@@ -91,6 +91,8 @@ struct Raw {
     http_concurrency: usize,
     #[serde(default = "defaults::yes")]
     http_ordered: bool,
+    #[serde(default = "defaults::outbox_lease_seconds")]
+    outbox_lease_seconds: f64,
 }
 
 mod defaults {
@@ -139,6 +141,9 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
+    pub fn outbox_lease_seconds() -> f64 {
+        30.0
+    }
 }
 
 /// The client id of the original, used unless `MQTT_CLIENT_ID` or a shared group says otherwise.
@@ -182,6 +187,8 @@ pub struct DeliverySettings {
     pub concurrency: usize,
     /// Keep each flow's requests in arrival order (one at a time per flow).
     pub ordered: bool,
+    /// How long a flow's delivery lease lasts without renewal.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -243,6 +250,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 name: "HTTP_TIMEOUT_SECONDS".into(),
                 reason: "must be a positive number of seconds".into(),
+            });
+        }
+        if !(raw.outbox_lease_seconds.is_finite() && (0.5..=86_400.0).contains(&raw.outbox_lease_seconds)) {
+            return Err(ConfigError::Invalid {
+                name: "OUTBOX_LEASE_SECONDS".into(),
+                reason: "must be between 0.5 and 86400 seconds".into(),
             });
         }
         if raw.mqtt_qos > 1 {
@@ -348,6 +361,7 @@ impl Settings {
                 max_retry_delay: Duration::from_secs_f64(raw.http_retry_max_delay_seconds),
                 concurrency: raw.http_concurrency,
                 ordered: raw.http_ordered,
+                lease: Duration::from_secs_f64(raw.outbox_lease_seconds),
             },
         })
     }

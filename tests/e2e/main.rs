@@ -15,6 +15,7 @@ mod metrics;
 mod migrations;
 mod post_endpoint;
 mod reload;
+mod scaleout;
 mod shutdown;
 mod startup;
 mod store_db;
