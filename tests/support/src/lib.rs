@@ -8,12 +8,14 @@
 
 mod cleanup;
 mod echo;
+pub mod galera;
 mod gateway;
 pub mod mariadb;
 mod mosquitto;
 mod publish;
 
 pub use echo::{EchoServer, Recorded};
+pub use galera::GaleraCluster;
 pub use gateway::Gateway;
 pub use mariadb::MariaDb;
 pub use mosquitto::Mosquitto;
