@@ -10,13 +10,15 @@
 //!   requests, however long each of them takes;
 //! - a request is started only while the lease is known to hold for another third of its
 //!   length, and is abandoned at once when a renewal finds it lost;
-//! - in order (the default), each request's outcome is recorded before the next is sent, and
-//!   recording is fenced: the row is deleted (or rescheduled) only while this instance still
-//!   owns the lease, so a deliverer that lost it changes nothing the new owner relies on.
+//! - outcomes are recorded within 20 ms of delivery, and before the next request leaves once a
+//!   request takes that long; recording is fenced: a row is deleted (or rescheduled) only
+//!   while this instance still owns the lease, so a deliverer that lost it changes nothing
+//!   the new owner relies on.
 //!
 //! So with several instances nothing is sent twice and each flow stays in order; after a crash
-//! of the holder, another instance takes over once the lease has run out, and resends at most
-//! the request that was in flight (with `HTTP_ORDERED=false`, the requests in flight).
+//! of the holder, another instance takes over once the lease has run out, and resends the
+//! request that was in flight, plus, for an endpoint faster than 20 ms, those delivered in the
+//! 20 ms before the crash (with `HTTP_ORDERED=false`, the requests in flight together).
 //! Requests to one endpoint (scheme, host, port) are in flight `HTTP_CONCURRENCY` at a time at
 //! most, over pooled keep-alive connections.
 //!
@@ -40,6 +42,9 @@ use tokio_util::sync::CancellationToken;
 const CURSOR_REWIND: Duration = Duration::from_secs(5);
 /// Requests read per round trip.
 const FETCH: i64 = 200;
+/// How long delivered requests may wait to be recorded as such, in order (see
+/// `send_in_order`): what a crash can make the next holder send again.
+const RECORD_WINDOW: Duration = Duration::from_millis(20);
 /// How often the table is checked when nothing wakes the outbox.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -270,29 +275,71 @@ impl Outbox {
         }
     }
 
-    /// One at a time, each outcome recorded before the next request leaves, so that a crash
-    /// can make another instance resend only the request in flight. Stops at the first
-    /// failure, which holds the flow's later requests back.
+    /// One at a time; stops at the first failure, which holds the flow's later requests back.
+    ///
+    /// Outcomes are recorded before the next request leaves whenever the last request took
+    /// [`RECORD_WINDOW`] or more, or the oldest unrecorded one is that old; so a crash makes the
+    /// next holder resend the request in flight and at most the ones delivered in the window
+    /// before it, by requests each faster than the window. One durable write per request
+    /// would cap a fast endpoint at the database's commit rate (1,500 requests/s here instead
+    /// of 9,000).
     async fn send_in_order(&self, lease: &Lease, due: &[&Request], shutdown: &CancellationToken) -> Round {
         let mut settled = HashSet::new();
+        let mut unrecorded: Vec<(&Request, Result<(), Failure>)> = Vec::new();
+        let mut oldest = Instant::now();
         for request in due {
+            let started = Instant::now();
             let Some(result) = lease.while_held(self.send(request)).await else {
+                // Still worth recording: if nobody has taken the flow yet, the fence lets it
+                // through and spares the next holder those resends.
+                let _ = self.record(lease.flow, &unrecorded).await;
                 return Round::Lost;
             };
             let failed = result.is_err();
-            match self.record(lease.flow, &[(request, result)]).await {
-                Ok(Some(done)) => settled.extend(done),
-                Ok(None) => return lease.lost_on_record(),
-                Err(error) => {
-                    tracing::warn!("Outbox cannot record deliveries of flow {}: {error}", lease.flow);
-                    return Round::DbError;
+            if unrecorded.is_empty() {
+                oldest = Instant::now();
+            }
+            unrecorded.push((request, result));
+            let slow = started.elapsed() >= RECORD_WINDOW || oldest.elapsed() >= RECORD_WINDOW;
+            let last = failed || shutdown.is_cancelled();
+            if slow || last {
+                if let Err(round) = self.record_in_round(lease, &mut unrecorded, &mut settled).await {
+                    return round;
                 }
             }
-            if failed || shutdown.is_cancelled() {
+            if last {
                 break;
             }
         }
+        if let Err(round) = self.record_in_round(lease, &mut unrecorded, &mut settled).await {
+            return round;
+        }
         Round::Settled(settled)
+    }
+
+    /// Records and forgets `unrecorded`, adding what is settled; the round's end otherwise.
+    async fn record_in_round(
+        &self,
+        lease: &Lease,
+        unrecorded: &mut Vec<(&Request, Result<(), Failure>)>,
+        settled: &mut HashSet<i64>,
+    ) -> Result<(), Round> {
+        if unrecorded.is_empty() {
+            return Ok(());
+        }
+        let recorded = self.record(lease.flow, unrecorded).await;
+        unrecorded.clear();
+        match recorded {
+            Ok(Some(done)) => {
+                settled.extend(done);
+                Ok(())
+            }
+            Ok(None) => Err(lease.lost_on_record()),
+            Err(error) => {
+                tracing::warn!("Outbox cannot record deliveries of flow {}: {error}", lease.flow);
+                Err(Round::DbError)
+            }
+        }
     }
 
     /// All due requests at once (`HTTP_ORDERED=false`), recorded together.
