@@ -51,24 +51,24 @@ async fn instances_sharing_slow_flows_send_each_request_once_in_order(#[case] n:
     let mut env = TestEnv::new().await;
     // Every request takes longer than the whole lease: only renewals during the request keep
     // the other instances off the flow.
-    env.set("OUTBOX_LEASE_SECONDS", "1");
+    env.set("OUTBOX_LEASE_SECONDS", "2");
     let flows: Vec<(&str, String)> = vec![("P1", env.topic("p1")), ("P2", env.topic("p2"))];
     for (code, topic) in &flows {
-        let path = format!("/sleep/1300/{}/{code}", env.name);
+        let path = format!("/sleep/2200/{}/{code}", env.name);
         env.add_flow(code, topic, "POST_ENDPOINT", "{}", Some(&shared().echo.url(&path))).await;
     }
     let gateways = instances(&mut env, n).await;
-    let messages = 5;
+    let messages = 4;
     publish_committed(&env, &flows, messages).await;
 
     for (code, _) in &flows {
-        let path = format!("/sleep/1300/{}/{code}", env.name);
+        let path = format!("/sleep/2200/{}/{code}", env.name);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
         while shared().echo.count(&path) < messages as usize && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // Longer than a request and a lease: a second sender would show by now.
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
         assert_eq!(bodies(&path), numbered(1..=messages), "{code}: every request once, in order");
     }
     for _ in 0..100 {
