@@ -120,3 +120,38 @@ async fn a_killed_lease_holder_is_taken_over_with_at_most_one_resend() {
     assert!(resent <= 1, "only the request in flight may be sent again: {received:?}");
     assert!(gateways[1 - index].is_running(), "the other instance runs on");
 }
+
+#[tokio::test]
+async fn a_deliverer_that_loses_its_lease_stops_at_once() {
+    let mut env = TestEnv::new().await;
+    env.set("OUTBOX_LEASE_SECONDS", "3");
+    let path = format!("/sleep/1000/{}/p", env.name);
+    let flow =
+        env.add_flow("P", &env.topic("p"), "POST_ENDPOINT", "{}", Some(&shared().echo.url(&path))).await;
+    let gateway = env.start().await;
+    let messages = 8;
+    publish_committed(&env, &[("P", env.topic("p"))], messages).await;
+    eventually("two requests", || shared().echo.count(&path) >= 2).await;
+
+    // Someone else owns the flow now, as if this instance had stalled past its lease.
+    env.exec(&format!(
+        "UPDATE gateway_outbox_leases SET owner = 'thief', expires_at = UTC_TIMESTAMP(3) + INTERVAL 1 HOUR \
+         WHERE flow_id = {flow}"
+    ))
+    .await;
+    wait_log(&gateway, "Outbox lost the lease of flow").await;
+    let sent = shared().echo.count(&path);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(shared().echo.count(&path), sent, "nothing sent without the lease");
+
+    env.exec(&format!("DELETE FROM gateway_outbox_leases WHERE flow_id = {flow}")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while outbox_rows(&env).await > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = bodies(&path);
+    let mut deduplicated = received.clone();
+    deduplicated.dedup();
+    assert_eq!(deduplicated, numbered(1..=messages), "every request, in order: {received:?}");
+    assert!(received.len() - deduplicated.len() <= 1, "only the abandoned request again: {received:?}");
+}
