@@ -102,6 +102,8 @@ struct Raw {
     db_ssl_ca: Option<PathBuf>,
     db_ssl_cert: Option<PathBuf>,
     db_ssl_key: Option<PathBuf>,
+    #[serde(default = "defaults::outbox_lease_seconds")]
+    outbox_lease_seconds: f64,
 }
 
 mod defaults {
@@ -154,6 +156,9 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
+    pub fn outbox_lease_seconds() -> f64 {
+        30.0
+    }
 }
 
 /// The client id of the original, used unless `MQTT_CLIENT_ID` or a shared group says otherwise.
@@ -202,6 +207,8 @@ pub struct DeliverySettings {
     /// PEM certificates of `HTTP_CA_FILE`, trusted for HTTPS endpoints besides the system's
     /// roots; read at startup so that a missing or empty file stops the start, naming it.
     pub extra_roots_pem: Option<Vec<u8>>,
+    /// How long a flow's delivery lease lasts without renewal.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -289,6 +296,12 @@ impl Settings {
         let db_tls = db_tls(&raw)?;
         let http_ca_file = raw.http_ca_file.as_deref().filter(|p| !p.as_os_str().is_empty());
         let extra_roots_pem = http_ca_file.map(read_ca_file).transpose()?;
+        if !(raw.outbox_lease_seconds.is_finite() && (0.5..=86_400.0).contains(&raw.outbox_lease_seconds)) {
+            return Err(ConfigError::Invalid {
+                name: "OUTBOX_LEASE_SECONDS".into(),
+                reason: "must be between 0.5 and 86400 seconds".into(),
+            });
+        }
         if raw.mqtt_qos > 1 {
             return Err(ConfigError::Invalid {
                 name: "MQTT_QOS".into(),
@@ -378,6 +391,7 @@ impl Settings {
                 concurrency: raw.http_concurrency,
                 ordered: raw.http_ordered,
                 extra_roots_pem,
+                lease: Duration::from_secs_f64(raw.outbox_lease_seconds),
             },
         })
     }

@@ -1,5 +1,5 @@
-//! The database: connection pool, schema migrations, and the queries on `mqtt_servers` and
-//! `flows` that startup and reload need.
+//! The database: connection pool, the call into the schema migrations, and the queries on
+//! `mqtt_servers` and `flows` that startup and reload need.
 //!
 //! Connect options are built field by field, never as a URL, so a password with `@`, `/` or `:`
 //! (which broke the original's `mysql+pymysql://` string) works as it is and is never formatted
@@ -90,9 +90,10 @@ fn explained(error: &sqlx::Error) -> String {
     }
 }
 
-/// Creates the tables that are missing; leaves existing ones as they are.
-pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError> {
-    sqlx::migrate!("./migrations").run(pool).await
+/// Creates the tables that are missing; leaves existing ones as they are. Safe with any number
+/// of instances starting at once (see [`crate::migrate`]).
+pub async fn migrate(pool: &MySqlPool) -> Result<(), crate::migrate::MigrateError> {
+    crate::migrate::run(pool).await
 }
 
 /// Seeds one broker row when `mqtt_servers` is empty, in one statement so two instances

@@ -12,7 +12,8 @@
 //! - [`sinks`]: one module per action: `store_db`, `post_endpoint`.
 //! - [`outbox`]: durable delivery of POST_ENDPOINT requests, with retries and leases.
 //! - [`pyfmt`]: the Python renderings of values the original stored and sent.
-//! - [`db`]: the pool, migrations, and queries on `mqtt_servers` and `flows`.
+//! - [`db`]: the pool, and queries on `mqtt_servers` and `flows`; [`migrate`]: schema
+//!   migrations that several instances can run at once.
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
 //! - [`logging`]: the original's log format, stderr and daily files; journald and JSON.
 //! - [`health`] and [`systemd`]: heartbeats, readiness, status, watchdog; [`metrics`]:
@@ -30,6 +31,7 @@ pub mod flows;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod migrate;
 pub mod mqtt;
 pub mod outbox;
 pub mod processor;

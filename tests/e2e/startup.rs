@@ -94,7 +94,7 @@ async fn a_fresh_database_gets_the_tables_and_the_default_broker() {
 }
 
 /// The DDL SQLAlchemy's `create_all` emitted for the Python service: no server-side defaults.
-const PYTHON_SCHEMA: &str = "
+pub const PYTHON_SCHEMA: &str = "
 CREATE TABLE mqtt_servers (id INTEGER NOT NULL AUTO_INCREMENT, host VARCHAR(255) NOT NULL, port INTEGER NOT NULL,
   username VARCHAR(255), password VARCHAR(255), enabled BOOL NOT NULL, is_default BOOL NOT NULL, PRIMARY KEY (id));
 CREATE TABLE flows (id INTEGER NOT NULL AUTO_INCREMENT, code VARCHAR(100) NOT NULL, description VARCHAR(255) NOT NULL,

@@ -33,7 +33,8 @@ pub fn ci() -> anyhow::Result<()> {
     cargo("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     crate::nix::check()?;
     cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
-    e2e()
+    e2e()?;
+    crate::cluster::cluster()
 }
 
 pub fn e2e() -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //!
 //! - `ci`: everything CI checks: formatting, clippy, unit tests, end-to-end tests.
 //! - `e2e`: the end-to-end tests against real MariaDB, Mosquitto and HTTP servers.
+//! - `cluster`: the scale-out scenario on a three-node MariaDB Galera cluster.
 //! - `bench`: throughput, latency, CPU and memory against the same real services.
 //! - `demo`: the gateway working against real services, in one command.
 //! - `nix-check`: parse, format and dead-code checks of the Nix files, and the flake lock.
@@ -9,6 +10,7 @@
 //! Each task runs cargo commands and stops at the first failure with a readable message.
 
 mod ci;
+mod cluster;
 mod nix;
 mod services;
 
@@ -18,8 +20,11 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  ci         cargo fmt --check, clippy -D warnings, nix-check, unit tests, end-to-end tests
+  ci         cargo fmt --check, clippy -D warnings, nix-check, unit tests, end-to-end tests,
+             the Galera cluster scenario
   e2e        end-to-end tests: the real binary against real MariaDB, Mosquitto and HTTP servers
+  cluster    three gateways on a three-node MariaDB Galera cluster through a gateway crash and a
+             node outage (needs galera-4 and rsync)
   bench      throughput, latency, CPU and memory (BENCH_MESSAGES=100000 scales it); writes
              target/bench/throughput.json
   demo       start MariaDB, Mosquitto and an echo server, run the gateway with sample flows and
@@ -34,6 +39,7 @@ fn main() -> ExitCode {
     let result = match task.as_deref() {
         Some("ci") => ci::ci(),
         Some("e2e") => ci::e2e(),
+        Some("cluster") => cluster::cluster(),
         Some("bench") => ci::bench(),
         Some("nix-check") => nix::check(),
         Some("demo") => {

@@ -33,3 +33,22 @@ pub fn require_installed() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Galera's provider library and the state-transfer tool, for `cargo xtask cluster`.
+pub fn require_galera() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    if !Path::new("/usr/lib/galera/libgalera_smm.so").is_file() {
+        missing.push("galera-4");
+    }
+    if !installed("rsync") {
+        missing.push("rsync");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "the Galera scenario starts a three-node cluster, and these packages are missing: {0}\n\
+             Debian/Ubuntu: sudo apt-get install -y {0}",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}

@@ -9,6 +9,7 @@
 
 mod cleanup;
 mod echo;
+pub mod galera;
 mod gateway;
 pub mod mariadb;
 mod mosquitto;
@@ -18,6 +19,7 @@ mod publish;
 mod tls_front;
 
 pub use echo::{EchoServer, Recorded};
+pub use galera::GaleraCluster;
 pub use gateway::Gateway;
 pub use mariadb::MariaDb;
 pub use mosquitto::Mosquitto;

@@ -1,0 +1,137 @@
+//! Migrations under concurrency: instances starting together, a start that died half-way, a
+//! lock held too long, and the rule that every migration can run twice.
+
+use crate::harness::*;
+use mqtt_gateway::migrate::{self, MigrateError};
+use rstest::rstest;
+use sqlx::Row;
+use std::time::Duration;
+
+/// Every table's definition, without the AUTO_INCREMENT counter.
+async fn schema(env: &TestEnv) -> Vec<String> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = ? ORDER BY table_name",
+    )
+    .bind(&env.name)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let mut ddl = Vec::new();
+    for table in tables {
+        let create: String =
+            sqlx::query(&format!("SHOW CREATE TABLE `{table}`")).fetch_one(&env.pool).await.unwrap().get(1);
+        ddl.push(
+            create.split(' ').filter(|w| !w.starts_with("AUTO_INCREMENT=")).collect::<Vec<_>>().join(" "),
+        );
+    }
+    ddl
+}
+
+/// Runs every migration file once more, straight, as a start after a crash would.
+async fn run_all(env: &TestEnv, run: u32) {
+    for migration in migrate::migrations() {
+        sqlx::raw_sql(&migration.sql).execute(&env.pool).await.unwrap_or_else(|e| {
+            panic!("migration {} failed on run {run}: {e}; see migrations/README.md", migration.version)
+        });
+    }
+}
+
+#[tokio::test]
+async fn every_migration_can_run_twice() {
+    let env = TestEnv::empty().await;
+    run_all(&env, 1).await;
+    let once = schema(&env).await;
+    assert!(once.len() >= 5, "{once:?}");
+    run_all(&env, 2).await;
+    assert_eq!(schema(&env).await, once, "a second run changed the schema");
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    Fresh,
+    PythonService,
+}
+
+#[rstest]
+#[case::on_a_fresh_database(Start::Fresh)]
+#[case::on_the_python_services_database(Start::PythonService)]
+#[tokio::test]
+async fn four_instances_starting_at_once_all_run(#[case] start: Start) {
+    let mut env = TestEnv::empty().await;
+    if let Start::PythonService = start {
+        for statement in crate::startup::PYTHON_SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
+            env.exec(statement).await;
+        }
+    }
+    env.set("MQTT_SHARED_GROUP", "gateways");
+    let gateways: Vec<_> = (0..4)
+        .map(|i| {
+            env.set("MQTT_CLIENT_ID", format!("{}-{i}", env.name));
+            env.spawn()
+        })
+        .collect();
+    for gateway in &gateways {
+        wait_log(gateway, "Gateway ready").await;
+    }
+    let migrations = migrate::migrations().count();
+    let applied: usize = gateways.iter().map(|g| g.count("Applied migration")).sum();
+    let logs: Vec<String> = gateways.iter().map(|g| g.logs()).collect();
+    assert_eq!(applied, migrations, "each migration applied once, by one instance:\n{}", logs.join("\n--\n"));
+    let rows: Vec<(i64, bool)> =
+        sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), migrations);
+    assert!(rows.iter().all(|(_, success)| *success), "{rows:?}");
+    for log in &logs {
+        assert!(!log.contains("Fatal error"), "{log}");
+    }
+}
+
+#[tokio::test]
+async fn a_migration_left_unfinished_is_run_again() {
+    let env = TestEnv::new().await;
+    // What a start killed inside the outbox migration leaves: the row marked unfinished and
+    // only part of the migration's tables.
+    let version = migrate::migrations().nth(1).unwrap().version;
+    env.exec(&format!("UPDATE _sqlx_migrations SET success = FALSE WHERE version = {version}")).await;
+    env.exec("DROP TABLE gateway_outbox_leases").await;
+
+    let gateway = env.start().await;
+    assert!(
+        gateway.logs().contains(&format!("Migration {version} (outbox) was left unfinished")),
+        "{}",
+        gateway.logs()
+    );
+    let success: bool = sqlx::query_scalar("SELECT success FROM _sqlx_migrations WHERE version = ?")
+        .bind(version)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(success);
+    let leases: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM gateway_outbox_leases").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(leases, 0, "the table is back");
+}
+
+#[tokio::test]
+async fn a_start_waits_for_a_migration_in_progress_and_says_so() {
+    let env = TestEnv::new().await;
+    let lock = "CONCAT('mqtt_gateway_migrate.', MD5(DATABASE()))";
+    let mut holder = env.pool.acquire().await.unwrap();
+    let got: i32 =
+        sqlx::query_scalar(&format!("SELECT GET_LOCK({lock}, 0)")).fetch_one(&mut *holder).await.unwrap();
+    assert_eq!(got, 1);
+
+    let error = migrate::run_with(&env.pool, Duration::from_millis(500)).await.unwrap_err();
+    assert!(matches!(error, MigrateError::LockTimeout(_)), "{error}");
+    assert!(error.to_string().contains("another instance held the migration lock"), "{error}");
+
+    let mut gateway = env.spawn();
+    wait_log(&gateway, "Another instance is migrating the schema; waiting").await;
+    assert!(gateway.is_running());
+    let _: Option<i32> =
+        sqlx::query_scalar(&format!("SELECT RELEASE_LOCK({lock})")).fetch_one(&mut *holder).await.unwrap();
+    wait_log(&gateway, "Gateway ready").await;
+}
