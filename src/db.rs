@@ -214,6 +214,12 @@ pub fn connection_lost(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed)
 }
 
+/// A deadlock, a lock wait timeout, or a Galera certification conflict: another writer won a
+/// race for the same rows. Routine with several instances; the transaction is simply run again.
+pub fn conflict(error: &sqlx::Error) -> bool {
+    matches!(error_code(error), Some(1213 | 1205))
+}
+
 /// A short label for an error, for the holding metric: the server's number, or the kind.
 pub fn error_label(error: &sqlx::Error) -> String {
     match (error_code(error), error) {

@@ -25,7 +25,7 @@ const LATENCY_BUCKETS: [f64; 14] =
 
 /// Every series: its name, HELP text and unit. `/metrics` prints the HELP of each, so that
 /// `promtool check metrics` accepts it and a reader of the scrape knows what each one counts.
-const SERIES: [(&str, Kind, &str); 18] = [
+const SERIES: [(&str, Kind, &str); 19] = [
     ("mqtt_gateway_messages_received_total", Kind::Counter, "Messages taken from the broker"),
     (
         "mqtt_gateway_messages_invalid_total",
@@ -78,6 +78,11 @@ const SERIES: [(&str, Kind, &str); 18] = [
         "mqtt_gateway_subscriptions_refused",
         Kind::Gauge,
         "Topic filters the broker refused on the current connection",
+    ),
+    (
+        "mqtt_gateway_commit_conflicts_total",
+        Kind::Counter,
+        "Commits refused because another writer won a race for the same rows (deadlock, Galera certification), run again at once",
     ),
     (
         "mqtt_gateway_database_holding",

@@ -351,6 +351,7 @@ impl Processor {
     ) -> Option<Result<Vec<(usize, Outcome)>, String>> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut dropped_connection = 0;
+        let mut conflicts = 0;
         loop {
             let attempt = Instant::now();
             let error = match batch::write(&self.pool, received_at, items, group).await {
@@ -367,6 +368,16 @@ impl Processor {
                 return Some(Err(format!("database error: {error}")));
             }
             if let WriteError::Db(db_error) = &error {
+                if db::conflict(db_error) && conflicts < CONFLICT_RETRIES {
+                    // Another writer won the race (several instances, a Galera cluster): run
+                    // the transaction again at once, after a little jitter; no outage to report.
+                    conflicts += 1;
+                    metrics::counter!("mqtt_gateway_commit_conflicts_total").increment(1);
+                    tracing::debug!("Commit conflict ({error}); writing the batch again");
+                    let jitter = rand::random_range(5..50);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    continue;
+                }
                 if db::connection_lost(db_error) && db::answers(&self.pool).await {
                     dropped_connection += 1;
                     if dropped_connection >= DROPS_BEFORE_SPLIT {
@@ -394,6 +405,9 @@ impl Processor {
         }
     }
 }
+
+/// Conflicts retried at once before they count as the database being unable to write.
+const CONFLICT_RETRIES: u32 = 5;
 
 /// How many times in a row a group may make the server drop the connection, while it answers
 /// pings, before the group is judged to be the cause (split, or failed when alone).
