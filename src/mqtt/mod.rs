@@ -54,6 +54,8 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How long the initial subscriptions may take before startup fails.
 const SUBACK_TIMEOUT: Duration = Duration::from_secs(30);
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Acks or packets handled in one turn of the session's loop when more are ready.
+const BURST: usize = 256;
 
 /// Why the first connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -333,6 +335,10 @@ pub struct BrokerSession {
     tick: tokio::time::Interval,
     /// `None` with a clean session, which the broker never keeps.
     memory: Option<Memory>,
+    last_keepalive_check: Instant,
+    /// Closed channels are no longer polled (a closed channel is always ready).
+    acks_open: bool,
+    wants_open: bool,
     forgotten_tx: mpsc::UnboundedSender<Forgotten>,
     forgotten: mpsc::UnboundedReceiver<Forgotten>,
 }
@@ -375,6 +381,9 @@ impl BrokerSession {
             processor: None,
             tick,
             memory,
+            last_keepalive_check: Instant::now(),
+            acks_open: true,
+            wants_open: true,
             forgotten_tx,
             forgotten,
         };
@@ -453,6 +462,13 @@ impl BrokerSession {
     /// Waits for the next thing to happen and handles it. Everything awaited here is a channel,
     /// a timer or a task handle, so dropping a turn half way loses nothing.
     async fn turn(&mut self) -> Happened {
+        // Beaten on every turn, not on a tick alone: under load the channels are always ready
+        // and a timer branch could wait long.
+        self.health.beat_session();
+        if self.last_keepalive_check.elapsed() >= health::BEAT {
+            self.last_keepalive_check = Instant::now();
+            self.keep_alive();
+        }
         let (link, connecting, retry_at, processor) =
             (&mut self.link, &mut self.connecting, self.retry_at, &mut self.processor);
         let link_event = async move {
@@ -479,44 +495,52 @@ impl BrokerSession {
                 None => std::future::pending().await,
             }
         };
+        let (acks_open, wants_open) = (self.acks_open, self.wants_open);
         tokio::select! {
-            biased;
             _ = processor => {
                 self.processor = None;
                 Happened::ProcessorDone
             }
-            token = self.acks.recv() => {
-                if let Some(token) = token {
-                    self.acknowledge(token);
+            token = self.acks.recv(), if acks_open => {
+                match token {
+                    Some(token) => {
+                        self.acknowledge(token);
+                        // What else is ready goes in the same turn.
+                        for _ in 0..BURST {
+                            let Ok(token) = self.acks.try_recv() else { break };
+                            self.acknowledge(token);
+                        }
+                    }
+                    None => self.acks_open = false,
                 }
                 Happened::Nothing
             }
-            event = link_event => match event {
-                Some(Event::Packet(packet)) => {
-                    self.incoming(packet);
-                    Happened::Nothing
+            event = link_event => {
+                let mut happened = self.on_event(event);
+                for _ in 0..BURST {
+                    if !matches!(happened, Happened::Nothing) {
+                        break;
+                    }
+                    let Some(Ok(event)) = self.link.as_mut().map(|link| link.events.try_recv()) else { break };
+                    happened = self.on_event(Some(event));
                 }
-                Some(Event::Closed(why)) => {
-                    self.lost(&why);
-                    Happened::Lost(why)
-                }
-                None => {
-                    self.lost("the connection's tasks ended");
-                    Happened::Lost("the connection's tasks ended".to_owned())
-                }
-            },
+                happened
+            }
             forgotten = self.forgotten.recv() => {
                 if let Some(forgotten) = forgotten {
                     self.unsubscribe(forgotten);
                 }
                 Happened::Nothing
             }
-            want = self.wants.recv() => {
-                if let Some(want) = want {
-                    self.wanted = want.filters;
-                    self.waiters.push(want.done);
-                    self.sync_subscriptions();
-                    self.check_ready();
+            want = self.wants.recv(), if wants_open => {
+                match want {
+                    Some(want) => {
+                        self.wanted = want.filters;
+                        self.waiters.push(want.done);
+                        self.sync_subscriptions();
+                        self.check_ready();
+                    }
+                    None => self.wants_open = false,
                 }
                 Happened::Nothing
             }
@@ -536,10 +560,23 @@ impl BrokerSession {
                 self.begin_connect();
                 Happened::Nothing
             }
-            _ = self.tick.tick() => {
-                self.health.beat_session();
-                self.keep_alive();
+            _ = self.tick.tick() => Happened::Nothing,
+        }
+    }
+
+    fn on_event(&mut self, event: Option<Event>) -> Happened {
+        match event {
+            Some(Event::Packet(packet)) => {
+                self.incoming(packet);
                 Happened::Nothing
+            }
+            Some(Event::Closed(why)) => {
+                self.lost(&why);
+                Happened::Lost(why)
+            }
+            None => {
+                self.lost("the connection's tasks ended");
+                Happened::Lost("the connection's tasks ended".to_owned())
             }
         }
     }
