@@ -12,6 +12,7 @@ mod cli;
 mod delivery;
 mod logs;
 mod metrics;
+mod notify;
 mod post_endpoint;
 mod reload;
 mod shutdown;
