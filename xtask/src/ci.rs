@@ -33,6 +33,7 @@ pub fn ci() -> anyhow::Result<()> {
     cargo("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     crate::nix::check()?;
     cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
+    cargo("NixOS option types against config.rs", &["test", "--test", "nixos_options"])?;
     e2e()
 }
 

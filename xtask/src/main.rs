@@ -18,7 +18,8 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  ci         cargo fmt --check, clippy -D warnings, nix-check, unit tests, end-to-end tests
+  ci         cargo fmt --check, clippy -D warnings, nix-check, unit tests, NixOS option types
+             against config.rs, end-to-end tests
   e2e        end-to-end tests: the real binary against real MariaDB, Mosquitto and HTTP servers
   bench      throughput, latency, CPU and memory (BENCH_MESSAGES=100000 scales it); writes
              target/bench/throughput.json
