@@ -513,10 +513,23 @@ impl Bed<'_> {
         )?;
         self.ok(&format!("(umask 077; printf '%s' '{PASSWORD}' > /etc/gateway-db-password)"))?;
         self.use_unit("nixos-remote-database")?;
+        // The module names the client key `%d/mqtt-client-key`: %d must reach the process as
+        // the credentials directory.
+        self.drop_in("specifier", &["Environment=E2E_CREDENTIALS=%d"])?;
         let cursor = self.cursor()?;
         let rc = self.c.sh("systemctl start mqtt-gateway").code;
         let ready = self.journal_since(&cursor, "-u mqtt-gateway -o cat").contains("Gateway ready");
         let pid = self.show("MainPID");
+        let expanded = self
+            .ok(&format!("tr '\\0' '\\n' < /proc/{pid}/environ | sed -n 's/^E2E_CREDENTIALS=//p'"))?
+            .trim()
+            .to_owned();
+        let credentials = self
+            .ok(&format!("ls {expanded}"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(",");
         let places = [
             ("systemctl show", "systemctl show mqtt-gateway".to_owned()),
             ("systemctl cat", "systemctl cat mqtt-gateway".to_owned()),
@@ -539,12 +552,17 @@ impl Bed<'_> {
         }
         let score = self.security_score()?;
         self.ok("systemctl stop mqtt-gateway")?;
-        let pass = rc == 0 && ready && leaks.is_empty() && score <= 2.0;
+        let pass = rc == 0
+            && ready
+            && leaks.is_empty()
+            && score <= 2.0
+            && expanded == "/run/credentials/mqtt-gateway.service"
+            && credentials == "db-password";
         Ok(Row {
             check: "credential-remote-db",
             pass,
             measured: format!(
-                "start rc={rc}, ready: {ready}; password found in: {}; security {score}",
+                "start rc={rc}, ready: {ready}; password found in: {}; security {score}; %d = {expanded} holding {credentials}",
                 if leaks.is_empty() { "nowhere".to_owned() } else { leaks.join(", ") }
             ),
         })
