@@ -289,16 +289,28 @@ impl Bed<'_> {
             "SELECT json_value(priv, '$.plugin') FROM mysql.global_priv WHERE user = 'mqtt-gateway'",
         )?;
         let nnp = self.ok(&format!("awk '/^NoNewPrivs/ {{print $2}}' /proc/{pid}/status"))?.trim().to_owned();
+        // The unit leaves these to DynamicUser, which implies them; systemd shows the result.
+        let implied: Vec<String> =
+            ["ProtectSystem", "PrivateTmp", "RemoveIPC", "NoNewPrivileges", "RestrictSUIDSGID"]
+                .iter()
+                .map(|p| format!("{p}={}", self.show(p)))
+                .collect();
+        let implied_ok = implied
+            .iter()
+            .all(|p| p.ends_with("=strict") || p.ends_with("=yes") || p.ends_with("=disconnected"));
         let pass = uid.parse::<u32>().is_ok_and(|u| (61184..=65519).contains(&u))
             && name == "mqtt-gateway"
             && connections >= 1
             && plugin == "unix_socket"
-            && nnp == "1";
+            && nnp == "1"
+            && implied_ok;
         Ok(Row {
             check: "dynamicuser-unix-socket",
             pass,
             measured: format!(
-                "uid {uid} ({name}), {connections} connections as 'mqtt-gateway'@'localhost' via {plugin}, NoNewPrivs={nnp}"
+                "uid {uid} ({name}), {connections} connections as 'mqtt-gateway'@'localhost' via {plugin}, NoNewPrivs={nnp}; \
+                 implied by DynamicUser: {}",
+                implied.join(" ")
             ),
         })
     }
