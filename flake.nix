@@ -31,13 +31,13 @@
       });
 
       nixosModules = {
+        # The default package is built with the system's own nixpkgs (its Rust, its libc), not
+        # with this flake's pin, so the gateway shares the closure of the machine it runs on.
         mqtt-gateway =
           { lib, pkgs, ... }:
           {
             imports = [ ./nixos/module.nix ];
-            services.mqtt-gateway.package =
-              lib.mkDefault
-                self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+            services.mqtt-gateway.package = lib.mkDefault (pkgs.callPackage ./nixos/package.nix { });
           };
         default = self.nixosModules.mqtt-gateway;
       };

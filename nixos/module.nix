@@ -9,7 +9,10 @@
 #   };
 #
 # Secrets never enter the Nix store: the database password and the MQTT client key are files
-# read by systemd (LoadCredential) and handed to the service in its credentials directory.
+# read by systemd (LoadCredential) and handed to the service in its credentials directory; their
+# options take strings (`types.externalPath`), so a Nix path literal cannot copy one into the
+# store. Public files (CA, client certificate) may be path literals: those are copied to the
+# store and stay in the system closure.
 {
   config,
   lib,
@@ -29,10 +32,15 @@ let
     types
     ;
 
+  # A file that must stay out of the store: an absolute path given as a string. nixpkgs' lib
+  # has `types.externalPath` since November 2025; the fallback keeps older pins evaluating.
+  secretPath =
+    types.externalPath
+      or (types.addCheck types.str (s: lib.hasPrefix "/" s && !lib.hasPrefix builtins.storeDir s));
+
   # The one system user: with a local database it is also the database user, which MariaDB
   # authenticates by the connecting process's user (unix_socket), so no password exists.
   user = "mqtt-gateway";
-  credentials = "/run/credentials/mqtt-gateway.service";
 
   environment = lib.filterAttrs (_: value: value != null) (
     {
@@ -49,11 +57,13 @@ let
       MQTT_CLEAN_SESSION = lib.boolToString cfg.mqtt.cleanSession;
       MQTT_SHARED_GROUP = cfg.mqtt.sharedGroup;
       MQTT_TLS = lib.boolToString cfg.mqtt.tls.enable;
-      MQTT_CA_FILE = if cfg.mqtt.tls.caFile == null then null else toString cfg.mqtt.tls.caFile;
+      # Interpolation copies a path literal into the store (a public file; it then stays in the
+      # system closure) and leaves a string as it is.
+      MQTT_CA_FILE = if cfg.mqtt.tls.caFile == null then null else "${cfg.mqtt.tls.caFile}";
       MQTT_CLIENT_CERT =
-        if cfg.mqtt.tls.clientCertFile == null then null else toString cfg.mqtt.tls.clientCertFile;
-      MQTT_CLIENT_KEY =
-        if cfg.mqtt.tls.clientKeyFile == null then null else "${credentials}/mqtt-client-key";
+        if cfg.mqtt.tls.clientCertFile == null then null else "${cfg.mqtt.tls.clientCertFile}";
+      # %d: systemd expands it to the service's credentials directory.
+      MQTT_CLIENT_KEY = if cfg.mqtt.tls.clientKeyFile == null then null else "%d/mqtt-client-key";
       FLOWS_RELOAD_INTERVAL_SECONDS = toString cfg.flowsReloadInterval;
       HTTP_TIMEOUT_SECONDS = toString cfg.http.timeout;
       HTTP_MAX_ATTEMPTS = toString cfg.http.maxAttempts;
@@ -112,12 +122,13 @@ in
         description = "Database user (`DB_USER`); with `createLocally` it must be `${user}`.";
       };
       passwordFile = mkOption {
-        type = types.nullOr types.path;
+        type = types.nullOr secretPath;
         default = null;
         example = "/run/secrets/mqtt-gateway-db-password";
         description = ''
           File holding the database password, read by systemd and passed as a credential; it
-          never enters the Nix store. Give it as a string path, not a Nix path literal.
+          never enters the Nix store (a string path outside the store; a Nix path literal is
+          refused).
         '';
       };
     };
@@ -142,12 +153,12 @@ in
         description = "Broker port seeded into an empty `mqtt_servers` table (`MQTT_DEFAULT_PORT`).";
       };
       clientId = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr types.nonEmptyStr;
         default = null;
         description = "MQTT client id (`MQTT_CLIENT_ID`); by default `mqtt-gateway`, or `mqtt-gateway-<hostname>` with a shared group.";
       };
       keepalive = mkOption {
-        type = types.ints.unsigned;
+        type = types.ints.u16;
         default = 60;
         description = "MQTT keepalive in seconds (`MQTT_KEEPALIVE`).";
       };
@@ -165,26 +176,28 @@ in
         description = "Ask the broker not to keep the session (`MQTT_CLEAN_SESSION`); messages sent while the gateway is away are then lost.";
       };
       sharedGroup = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr (types.strMatching "[^/+#]+");
         default = null;
-        description = "Shared subscription group, to spread the load over several gateways (`MQTT_SHARED_GROUP`).";
+        description = "Shared subscription group, to spread the load over several gateways (`MQTT_SHARED_GROUP`); no `/`, `+` or `#`.";
       };
       tls = {
         enable = mkEnableOption "TLS to the broker (server certificate and name always verified)";
         caFile = mkOption {
           type = types.nullOr types.path;
           default = null;
-          description = "PEM CA certificates to trust (`MQTT_CA_FILE`); the system's roots when null.";
+          example = lib.literalExpression "./broker-ca.pem";
+          description = "PEM CA certificates to trust (`MQTT_CA_FILE`); the system's roots when null. A Nix path literal is copied to the store.";
         };
         clientCertFile = mkOption {
           type = types.nullOr types.path;
           default = null;
-          description = "PEM client certificate chain for mutual TLS (`MQTT_CLIENT_CERT`).";
+          description = "PEM client certificate chain for mutual TLS (`MQTT_CLIENT_CERT`). A Nix path literal is copied to the store.";
         };
         clientKeyFile = mkOption {
-          type = types.nullOr types.path;
+          type = types.nullOr secretPath;
           default = null;
-          description = "PEM client key, passed as a systemd credential; give it as a string path so it stays out of the store.";
+          example = "/run/secrets/mqtt-gateway-client.key";
+          description = "PEM client key, passed as a systemd credential; a string path outside the store.";
         };
       };
     };
@@ -202,7 +215,7 @@ in
         description = "Seconds per POST (`HTTP_TIMEOUT_SECONDS`).";
       };
       maxAttempts = mkOption {
-        type = types.ints.positive;
+        type = types.ints.between 1 4294967295;
         default = 100;
         description = "Attempts before a POST is kept as dead (`HTTP_MAX_ATTEMPTS`).";
       };
@@ -266,7 +279,7 @@ in
     };
 
     environmentFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr secretPath;
       default = null;
       description = "Extra `KEY=value` environment read by systemd at start (for example secrets of `extraEnvironment` variables).";
     };
@@ -284,9 +297,13 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
+        # Over a socket MariaDB may log the service's user in by unix_socket, without a password.
         assertion =
-          cfg.database.createLocally || cfg.database.passwordFile != null || cfg.environmentFile != null;
-        message = "services.mqtt-gateway: a remote database needs a password: set database.passwordFile (or DB_PASSWORD in environmentFile).";
+          cfg.database.createLocally
+          || cfg.database.socket != null
+          || cfg.database.passwordFile != null
+          || cfg.environmentFile != null;
+        message = "services.mqtt-gateway: a database reached over TCP needs a password: set database.passwordFile (or DB_PASSWORD in environmentFile), or database.socket for unix_socket login.";
       }
       {
         assertion = !cfg.database.createLocally || cfg.database.user == user;
@@ -307,6 +324,20 @@ in
           || cfg.mqtt.defaultHost == "127.0.0.1";
         message = "services.mqtt-gateway: mqtt.createLocally runs the broker on this machine; leave mqtt.defaultHost at \"localhost\".";
       }
+      {
+        assertion = !(cfg.mqtt.createLocally && cfg.mqtt.tls.enable);
+        message = "services.mqtt-gateway: mqtt.createLocally runs a loopback broker without TLS; disable mqtt.tls.enable, or run the broker yourself with a TLS listener.";
+      }
+      {
+        assertion =
+          cfg.mqtt.tls.enable
+          || (
+            cfg.mqtt.tls.caFile == null
+            && cfg.mqtt.tls.clientCertFile == null
+            && cfg.mqtt.tls.clientKeyFile == null
+          );
+        message = "services.mqtt-gateway: mqtt.tls files are set but mqtt.tls.enable is false, so they would be ignored; enable TLS or remove them.";
+      }
     ];
 
     services.mysql = mkIf cfg.database.createLocally {
@@ -326,8 +357,8 @@ in
       # Mosquitto's default of 1,000 queued messages per offline client would drop messages
       # during a long gateway restart; a wide in-flight window lets batches fill.
       settings = {
-        max_queued_messages = 1000000;
-        max_inflight_messages = 1000;
+        max_queued_messages = mkDefault 1000000;
+        max_inflight_messages = mkDefault 1000;
       };
       listeners = [
         {
@@ -353,37 +384,40 @@ in
       wants = [ "network-online.target" ] ++ optional cfg.database.createLocally "mysql.service";
       inherit environment;
 
-      startLimitIntervalSec = 300;
-      startLimitBurst = 5;
+      # An appliance comes back by itself: a broker or database that is unreachable at start is
+      # fatal to one start (exit 1, as the original), never to the unit. No start limit; the
+      # delay grows from 1 s to 60 s over 10 restarts and stays there.
+      startLimitIntervalSec = 0;
 
       serviceConfig = {
-        Type = "notify";
+        # notify-reload: `systemctl reload` sends SIGHUP and returns only after the gateway's
+        # RELOADING=1 ... READY=1, by design rather than by winning a race with a kill helper.
+        Type = "notify-reload";
+        ReloadSignal = "SIGHUP";
         NotifyAccess = "main";
         ExecStart = lib.getExe cfg.package;
-        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         WatchdogSec = cfg.watchdogSec;
         Restart = "on-failure";
-        RestartSec = 5;
+        RestartSec = 1;
+        RestartSteps = 10;
+        RestartMaxDelaySec = 60;
         TimeoutStopSec = cfg.http.timeout + 20;
 
         DynamicUser = true;
         User = user;
         LoadCredential =
-          optional (cfg.database.passwordFile != null) "db-password:${toString cfg.database.passwordFile}"
-          ++ optional (
-            cfg.mqtt.tls.clientKeyFile != null
-          ) "mqtt-client-key:${toString cfg.mqtt.tls.clientKeyFile}";
-        EnvironmentFile = optional (cfg.environmentFile != null) (toString cfg.environmentFile);
+          optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}"
+          ++ optional (cfg.mqtt.tls.clientKeyFile != null) "mqtt-client-key:${cfg.mqtt.tls.clientKeyFile}";
+        EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
 
         # Hardening: the gateway talks TCP (or a Unix socket) and writes nothing but logs.
+        # DynamicUser already implies ProtectSystem=strict, PrivateTmp, RemoveIPC,
+        # NoNewPrivileges and RestrictSUIDSGID; ProtectHome=true is stricter than its read-only.
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";
-        NoNewPrivileges = true;
-        PrivateTmp = true;
         PrivateDevices = true;
         PrivateUsers = true;
         DevicePolicy = "closed";
-        ProtectSystem = "strict";
         ProtectHome = true;
         ProtectClock = true;
         ProtectControlGroups = true;
@@ -400,8 +434,6 @@ in
         ];
         RestrictNamespaces = true;
         RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        RemoveIPC = true;
         LockPersonality = true;
         MemoryDenyWriteExecute = true;
         SystemCallArchitectures = "native";

@@ -1,13 +1,22 @@
 # The gateway as a Nix package. Only the unit tests run in the build sandbox: the end-to-end
 # tests start MariaDB and Mosquitto, which the NixOS VM tests cover instead.
-{ lib, rustPlatform }:
+{
+  lib,
+  rustPlatform,
+  rustc,
+}:
 let
   fs = lib.fileset;
   root = ../.;
+  manifest = (lib.importTOML ../Cargo.toml).package;
 in
+# Cargo.toml's rust-version is the oldest compiler the dependencies accept; a nixpkgs whose
+# rustc is older fails here, at evaluation, instead of deep inside a crate's build.
+assert lib.assertMsg (lib.versionAtLeast rustc.version manifest.rust-version)
+  "mqtt-gateway needs rustc >= ${manifest.rust-version} (Cargo.toml rust-version); this nixpkgs has ${rustc.version}";
 rustPlatform.buildRustPackage {
   pname = "mqtt-gateway";
-  version = (lib.importTOML ../Cargo.toml).package.version;
+  inherit (manifest) version;
 
   # What cargo needs to resolve the workspace and build; not the docs, CI or Nix files, so
   # editing those does not rebuild the package.

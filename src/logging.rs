@@ -79,6 +79,10 @@ pub fn init(log_dir: Option<&Path>, format: Format) -> io::Result<()> {
         Format::Journald => Some(
             tracing_journald::layer()?
                 .with_syslog_identifier("mqtt-gateway".to_owned())
+                // tracing-journald prefixes fields with `F_` by default; operators filter on
+                // the documented names (`journalctl FLOW_CODE=...`). None of our field names
+                // collides with a journal field (MESSAGE, PRIORITY, CODE_*, TARGET, ...).
+                .with_field_prefix(None)
                 .with_filter(filter()),
         ),
         _ => None,

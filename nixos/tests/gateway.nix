@@ -5,21 +5,25 @@
   name = "mqtt-gateway";
 
   nodes = {
-    broker = {
-      services.mosquitto = {
-        enable = true;
-        settings.max_queued_messages = 100000;
-        listeners = [
-          {
-            port = 1883;
-            omitPasswordAuth = true;
-            settings.allow_anonymous = true;
-            acl = [ "topic readwrite #" ];
-          }
-        ];
+    broker =
+      { pkgs, ... }:
+      {
+        # The mosquitto module installs no client; the script publishes with mosquitto_pub.
+        environment.systemPackages = [ pkgs.mosquitto ];
+        services.mosquitto = {
+          enable = true;
+          settings.max_queued_messages = 100000;
+          listeners = [
+            {
+              port = 1883;
+              omitPasswordAuth = true;
+              settings.allow_anonymous = true;
+              acl = [ "topic readwrite #" ];
+            }
+          ];
+        };
+        networking.firewall.allowedTCPPorts = [ 1883 ];
       };
-      networking.firewall.allowedTCPPorts = [ 1883 ];
-    };
 
     echo =
       { pkgs, ... }:
@@ -61,7 +65,9 @@
             time.sleep(0.5)
 
     def journal_has(text, extra=""):
-        return gateway.execute(f"journalctl -u mqtt-gateway {extra} | grep -qF '{text}'")[0] == 0
+        # grep reads to the end (no -q): an early match must not kill journalctl with SIGPIPE,
+        # which `set -o pipefail` would turn into "not found".
+        return gateway.execute(f"journalctl -u mqtt-gateway {extra} | grep -F '{text}' >/dev/null")[0] == 0
 
     def publish(topic, payload):
         broker.succeed(f"mosquitto_pub -h localhost -q 1 -t {topic} -m '{payload}'")
@@ -137,6 +143,24 @@
             lambda: int(sql("SELECT COUNT(DISTINCT attribute_value) FROM data WHERE attribute_name = 'temperature'")) == 101,
         )
         gateway.succeed("systemctl is-active mqtt-gateway")
+
+    with subtest("a broker down at start: the unit keeps restarting and comes back by itself"):
+        broker.succeed("systemctl stop mosquitto")
+        gateway.succeed("systemctl restart --no-block mqtt-gateway")
+        # More starts than the old limit of 5, which left the unit failed for good.
+        eventually(
+            "six failed starts",
+            lambda: int(gateway.get_unit_property("mqtt-gateway.service", "NRestarts")) >= 6,
+        )
+        assert gateway.get_unit_property("mqtt-gateway.service", "ActiveState") != "failed"
+        broker.succeed("systemctl start mosquitto")
+        broker.wait_for_open_port(1883)
+        gateway.wait_for_unit("mqtt-gateway.service", timeout=180)
+        publish("sensors/aht10", '{"temperature": 500}')
+        eventually(
+            "the reading after the outage",
+            lambda: sql("SELECT COUNT(*) FROM data WHERE attribute_value = '500'") == "1",
+        )
 
     with subtest("the journal has the original's lines and the structured fields"):
         publish("sensors/aht10", "not json")

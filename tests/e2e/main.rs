@@ -19,6 +19,7 @@ mod large;
 mod logs;
 mod metrics;
 mod migrations;
+mod notify;
 mod post_endpoint;
 mod prometheus;
 mod reload;

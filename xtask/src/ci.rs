@@ -33,6 +33,10 @@ pub fn ci() -> anyhow::Result<()> {
     cargo("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     crate::nix::check()?;
     cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
+    cargo(
+        "NixOS option types against config.rs, the Debian unit against the module's",
+        &["test", "--test", "nixos_options", "--test", "debian_unit"],
+    )?;
     e2e()?;
     crate::cluster::cluster()
 }

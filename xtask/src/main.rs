@@ -6,13 +6,17 @@
 //! - `bench`: throughput, latency, CPU and memory against the same real services.
 //! - `demo`: the gateway working against real services, in one command.
 //! - `nix-check`: parse, format and dead-code checks of the Nix files, and the flake lock.
+//! - `systemd-e2e`: the module's rendered unit and the Debian unit under a real systemd 257 in a
+//!   systemd-nspawn container (root only).
 //!
 //! Each task runs cargo commands and stops at the first failure with a readable message.
 
 mod ci;
 mod cluster;
 mod nix;
+mod nspawn;
 mod services;
+mod systemd_e2e;
 
 use std::process::ExitCode;
 
@@ -20,8 +24,8 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  ci         cargo fmt --check, clippy -D warnings, nix-check, unit tests, end-to-end tests,
-             the Galera cluster scenario
+  ci         cargo fmt --check, clippy -D warnings, nix-check, unit tests, NixOS option types
+             against config.rs, end-to-end tests, the Galera cluster scenario
   e2e        end-to-end tests: the real binary against real MariaDB, Mosquitto and HTTP servers
   cluster    three gateways on a three-node MariaDB Galera cluster through a gateway crash and a
              node outage (needs galera-4 and rsync)
@@ -32,6 +36,11 @@ tasks:
              (--check: verify and exit)
   nix-check  nix-instantiate --parse, nixfmt --check, deadnix --fail on every .nix file, and
              nix flake metadata --offline against flake.lock
+  systemd-e2e
+             as root: boot systemd 257 in a systemd-nspawn container with MariaDB and Mosquitto,
+             run the release binary under nixos/rendered/gateway.service and the Debian unit,
+             check readiness, reload, watchdog, journal fields, credentials, restarts, security
+             (--prepare: only make the container root, once per machine)
 ";
 
 fn main() -> ExitCode {
@@ -42,6 +51,10 @@ fn main() -> ExitCode {
         Some("cluster") => cluster::cluster(),
         Some("bench") => ci::bench(),
         Some("nix-check") => nix::check(),
+        Some("systemd-e2e") => {
+            let rest: Vec<String> = std::env::args().skip(2).collect();
+            systemd_e2e::systemd_e2e(&rest)
+        }
         Some("demo") => {
             let rest: Vec<String> = std::env::args().skip(2).collect();
             ci::demo(&rest.iter().map(String::as_str).collect::<Vec<_>>())
