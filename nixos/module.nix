@@ -72,6 +72,7 @@ let
       HTTP_CONCURRENCY = toString cfg.http.concurrency;
       HTTP_ORDERED = lib.boolToString cfg.http.ordered;
       MAX_IN_FLIGHT = toString cfg.maxInFlight;
+      MAX_IN_FLIGHT_BYTES = toString cfg.maxInFlightBytes;
       BATCH_MAX_MESSAGES = toString cfg.batch.maxMessages;
       BATCH_MAX_DELAY_MS = toString cfg.batch.maxDelayMs;
       LOG_DIR = if cfg.logDir then "/var/log/mqtt-gateway" else null;
@@ -102,7 +103,7 @@ in
         description = "Host of a remote database (`DB_HOST`); unused with `createLocally`.";
       };
       port = mkOption {
-        type = types.port;
+        type = types.ints.between 1 65535;
         default = 3306;
         description = "Port of a remote database (`DB_PORT`).";
       };
@@ -148,7 +149,7 @@ in
         description = "Broker host seeded into an empty `mqtt_servers` table (`MQTT_DEFAULT_HOST`).";
       };
       defaultPort = mkOption {
-        type = types.port;
+        type = types.ints.between 1 65535;
         default = 1883;
         description = "Broker port seeded into an empty `mqtt_servers` table (`MQTT_DEFAULT_PORT`).";
       };
@@ -203,34 +204,34 @@ in
     };
 
     flowsReloadInterval = mkOption {
-      type = types.ints.positive;
+      type = types.ints.between 1 3153600000;
       default = 600;
       description = "Seconds between flow reloads (`FLOWS_RELOAD_INTERVAL_SECONDS`); `systemctl reload mqtt-gateway` reloads at once.";
     };
 
     http = {
       timeout = mkOption {
-        type = types.ints.positive;
+        type = types.ints.between 1 86400;
         default = 10;
         description = "Seconds per POST (`HTTP_TIMEOUT_SECONDS`).";
       };
       maxAttempts = mkOption {
-        type = types.ints.between 1 4294967295;
+        type = types.ints.between 1 1000000000;
         default = 100;
         description = "Attempts before a POST is kept as dead (`HTTP_MAX_ATTEMPTS`).";
       };
       maxAge = mkOption {
-        type = types.ints.positive;
+        type = types.ints.between 1 3153600000;
         default = 86400;
         description = "Seconds after which a failing POST is kept as dead (`HTTP_MAX_AGE_SECONDS`).";
       };
       retryMaxDelay = mkOption {
-        type = types.ints.positive;
+        type = types.ints.between 1 86400;
         default = 300;
         description = "Cap in seconds of the backoff between attempts (`HTTP_RETRY_MAX_DELAY_SECONDS`).";
       };
       concurrency = mkOption {
-        type = types.ints.positive;
+        type = types.ints.between 1 10000;
         default = 8;
         description = "POSTs in flight per endpoint (`HTTP_CONCURRENCY`).";
       };
@@ -242,19 +243,25 @@ in
     };
 
     maxInFlight = mkOption {
-      type = types.ints.positive;
+      type = types.ints.between 1 1000000;
       default = 1000;
-      description = "Messages taken from the broker and not yet acknowledged (`MAX_IN_FLIGHT`).";
+      description = "Messages taken from the broker and not yet acknowledged (`MAX_IN_FLIGHT`); reading from the broker pauses at this many.";
+    };
+
+    maxInFlightBytes = mkOption {
+      type = types.ints.between 1 1099511627776;
+      default = 67108864;
+      description = "Payload bytes taken from the broker and not yet acknowledged (`MAX_IN_FLIGHT_BYTES`); reading pauses at this many, so memory follows it.";
     };
 
     batch = {
       maxMessages = mkOption {
-        type = types.ints.positive;
+        type = types.ints.between 1 100000;
         default = 500;
         description = "Most messages per transaction (`BATCH_MAX_MESSAGES`).";
       };
       maxDelayMs = mkOption {
-        type = types.ints.unsigned;
+        type = types.ints.between 0 60000;
         default = 2;
         description = "Milliseconds a batch waits for more messages (`BATCH_MAX_DELAY_MS`).";
       };

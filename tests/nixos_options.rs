@@ -257,7 +257,7 @@ fn the_parsers_of_this_test_see_what_the_module_says() {
     let types = option_types();
     assert_eq!(types["mqtt.keepalive"], "types.ints.u16");
     assert_eq!(types["mqtt.tls.enable"], "types.bool");
-    assert_eq!(types["database.port"], "types.port");
+    assert_eq!(types["database.port"], "types.ints.between 1 65535");
     let env = environment();
     assert_eq!(
         sources(&env["MQTT_KEEPALIVE"]),
