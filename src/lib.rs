@@ -5,14 +5,19 @@
 //!
 //! Where things live, in the order a message travels:
 //! - [`config`]: the environment variables, read once; secrets kept out of logs.
-//! - [`mqtt`]: the broker session, its event loop, reconnects and subscriptions.
+//! - [`mqtt`]: the broker session on its own socket (rumqttc's codec): reconnects with backoff,
+//!   subscriptions kept in step with the flows, the in-flight window in messages and bytes,
+//!   acknowledgements on the connection their message came on.
 //! - [`processor`]: decodes messages, matches flows, validates, renders, acks after commit.
 //! - [`flows`]: flow rows checked into flows that can work; topic filters; payload schemas.
-//! - [`batch`]: group commit of a batch's counters, `data` rows and outbox requests.
+//! - [`batch`]: group commit of a batch's counters, `data` rows and outbox requests, in
+//!   statements bounded by the server's `max_allowed_packet`.
 //! - [`sinks`]: one module per action: `store_db`, `post_endpoint`.
 //! - [`outbox`]: durable delivery of POST_ENDPOINT requests, with retries and leases.
 //! - [`pyfmt`]: the Python renderings of values the original stored and sent.
-//! - [`db`]: the pool, and queries on `mqtt_servers` and `flows`; [`migrate`]: schema
+//! - [`db`]: the pool; queries on `mqtt_servers`, `flows` and `gateway_subscriptions`; how big a
+//!   statement may be; whose fault a failed write is (a message's data, or the database, which
+//!   holds the stream); [`migrate`]: schema
 //!   migrations that several instances can run at once.
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
 //! - [`logging`]: the original's log format, stderr and daily files; journald and JSON.
