@@ -452,6 +452,7 @@ impl Outbox {
             let attempts = request.attempts + 1;
             tracing::error!(
                 flow_code = %request.flow_code,
+                error_kind = "post_failed",
                 "Error posting flow {} to endpoint {}: {}",
                 request.flow_code,
                 redacted_str(&request.url),

@@ -243,8 +243,11 @@ impl Processor {
         for (i, outcome) in outcomes {
             let item = &items[i];
             match outcome {
-                Outcome::FlowGone => report(item, &format!("flow {} no longer exists", item.flow.id)),
-                Outcome::TooBig(reason) | Outcome::Refused(reason) => report(item, &reason),
+                Outcome::FlowGone => {
+                    report(item, "flow_gone", &format!("flow {} no longer exists", item.flow.id))
+                }
+                Outcome::TooBig(reason) => report(item, "too_big", &reason),
+                Outcome::Refused(reason) => report(item, "refused_by_database", &reason),
                 Outcome::Written(msg_id) => {
                     metrics::counter!("mqtt_gateway_messages_processed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
                         .increment(1);
@@ -284,7 +287,11 @@ impl Processor {
             let payload = match decode(&publish.payload) {
                 Ok(payload) => payload,
                 Err(error) => {
-                    tracing::error!(topic, "Invalid payload in topic {topic}: {error}");
+                    tracing::error!(
+                        topic,
+                        error_kind = "invalid_payload",
+                        "Invalid payload in topic {topic}: {error}"
+                    );
                     metrics::counter!("mqtt_gateway_messages_invalid_total").increment(1);
                     continue;
                 }
@@ -300,7 +307,7 @@ impl Processor {
                 let item = |effect| Item { flow: Arc::clone(flow), topic: Arc::clone(&shared_topic), effect };
                 match effect {
                     Ok(effect) => items.push(item(effect)),
-                    Err(reason) => report(&item(Effect::Store(Vec::new())), &reason),
+                    Err(reason) => report(&item(Effect::Store(Vec::new())), "invalid_for_flow", &reason),
                 }
             }
         }
@@ -431,6 +438,7 @@ impl Hold {
             None => {
                 tracing::error!(
                     error_code = %label,
+                    error_kind = "database_holding",
                     "Database cannot take writes, holding {messages} messages unacknowledged until it can: {error}"
                 );
                 health.set_waiting_for(Some(format!("the database to take writes ({error})")));
@@ -464,13 +472,14 @@ impl Hold {
     }
 }
 
-/// The original's per-flow failure line.
-fn report(item: &Item, reason: &str) {
+/// The original's per-flow failure line; `kind` goes in the journal's `ERROR_KIND` field.
+fn report(item: &Item, kind: &'static str, reason: &str) {
     metrics::counter!("mqtt_gateway_messages_failed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
         .increment(1);
     tracing::error!(
         flow_code = %item.flow.code,
         topic = %item.topic,
+        error_kind = kind,
         "Error processing topic {} (flow_id={}): {reason}",
         item.topic,
         item.flow.id
