@@ -80,40 +80,24 @@ pub fn decode(payload: &[u8]) -> Result<Map<String, Value>, InvalidPayload> {
 /// [`crate::pyfmt::NAN_LITERAL`]. Text without them is returned as it is, without a copy.
 fn python_literals(text: &str) -> std::borrow::Cow<'_, str> {
     let bytes = text.as_bytes();
-    let (mut in_string, mut escaped) = (false, false);
     let mut out: Option<String> = None;
+    // Everything before `copied` is in `out` already (or needs no copy).
     let mut copied = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            i += 1;
-            continue;
+    for (i, _) in outside_strings(bytes) {
+        if i < copied {
+            continue; // inside a literal just replaced
         }
         let rest = &bytes[i..];
         let found =
             [("NaN", crate::pyfmt::NAN_LITERAL), ("Infinity", "1e999999"), ("-Infinity", "-1e999999")]
                 .into_iter()
                 .find(|(literal, _)| rest.starts_with(literal.as_bytes()));
-        match (b, found) {
-            (b'"', _) => in_string = true,
-            (_, Some((literal, number))) => {
-                let out = out.get_or_insert_with(|| String::with_capacity(text.len() + 64));
-                out.push_str(&text[copied..i]);
-                out.push_str(number);
-                i += literal.len();
-                copied = i;
-                continue;
-            }
-            _ => {}
+        if let Some((literal, number)) = found {
+            let out = out.get_or_insert_with(|| String::with_capacity(text.len() + 64));
+            out.push_str(&text[copied..i]);
+            out.push_str(number);
+            copied = i + literal.len();
         }
-        i += 1;
     }
     match out {
         None => std::borrow::Cow::Borrowed(text),
@@ -124,11 +108,11 @@ fn python_literals(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The deepest bracket nesting in `text`, ignoring brackets inside strings. Linear and
-/// allocation-free, so a hostile payload costs no more than reading it.
-fn nesting_depth(text: &[u8]) -> usize {
-    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in text {
+/// The bytes of JSON text outside its strings (the quotes included), with their positions.
+/// Linear and allocation-free, so a hostile payload costs no more than reading it.
+fn outside_strings(text: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
+    let (mut in_string, mut escaped) = (false, false);
+    text.iter().enumerate().filter_map(move |(i, &b)| {
         if in_string {
             match b {
                 _ if escaped => escaped = false,
@@ -136,10 +120,18 @@ fn nesting_depth(text: &[u8]) -> usize {
                 b'"' => in_string = false,
                 _ => {}
             }
-            continue;
+            return None;
         }
+        in_string = b == b'"';
+        Some((i, b))
+    })
+}
+
+/// The deepest bracket nesting in `text`, ignoring brackets inside strings.
+fn nesting_depth(text: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for (_, b) in outside_strings(text) {
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 deepest = deepest.max(depth);

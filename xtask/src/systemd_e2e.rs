@@ -361,7 +361,8 @@ impl Bed<'_> {
         })
     }
 
-    /// `journalctl FLOW_CODE=...` and `TOPIC=...` find the gateway's lines, without a prefix.
+    /// `journalctl FLOW_CODE=...`, `TOPIC=...` and `ERROR_KIND=...` find the gateway's lines,
+    /// without a prefix.
     fn journal(&self) -> anyhow::Result<Row> {
         self.add_flow("J_FLOW", "j/x")?;
         self.ok("systemctl reload mqtt-gateway")?;
@@ -377,15 +378,30 @@ impl Bed<'_> {
         let topic_lines = self.journal_since(&cursor, "-u mqtt-gateway -o cat TOPIC=j/x");
         let prefixed = self.journal_since(&cursor, "-u mqtt-gateway -o cat F_FLOW_CODE=J_FLOW");
         let invalid = topic_lines.contains("Invalid payload in topic j/x");
-        let pass = flow_lines.contains("Error processing topic j/x") && invalid && prefixed.trim().is_empty();
+        let kinds = [
+            ("invalid_payload", "Invalid payload in topic j/x"),
+            ("invalid_for_flow", "Error processing topic j/x"),
+        ];
+        let kinds_found = kinds
+            .iter()
+            .filter(|(kind, line)| {
+                self.journal_since(&cursor, &format!("-u mqtt-gateway -o cat ERROR_KIND={kind}"))
+                    .contains(line)
+            })
+            .count();
+        let pass = flow_lines.contains("Error processing topic j/x")
+            && invalid
+            && prefixed.trim().is_empty()
+            && kinds_found == kinds.len();
         Ok(Row {
             check: "journal-fields",
             pass,
             measured: format!(
-                "FLOW_CODE=J_FLOW: {} lines; TOPIC=j/x: {} lines (Invalid payload among them: {invalid}); F_FLOW_CODE: {} lines",
+                "FLOW_CODE=J_FLOW: {} lines; TOPIC=j/x: {} lines (Invalid payload among them: {invalid}); F_FLOW_CODE: {} lines; ERROR_KIND: {kinds_found} of {} kinds found",
                 flow_lines.lines().count(),
                 topic_lines.lines().count(),
-                prefixed.lines().count()
+                prefixed.lines().count(),
+                kinds.len()
             ),
         })
     }
