@@ -244,6 +244,8 @@ impl Outbox {
         // to the start now and then, for a request another instance committed with a smaller id.
         let mut cursor = 0i64;
         let mut rewind_at = Instant::now() + CURSOR_REWIND;
+        // Unordered: the soonest retry among the requests passed over because they are not due.
+        let mut passed_over: Option<Duration> = None;
         loop {
             if shutdown.is_cancelled() {
                 return None;
@@ -258,11 +260,29 @@ impl Outbox {
                     return Some(FIRST_RETRY);
                 }
             };
-            let head = requests.first()?;
-            if let Some(wait) = head.wait {
-                return Some(wait);
-            }
-            let due: Vec<&Request> = requests.iter().take_while(|r| r.wait.is_none()).collect();
+            let Some(head) = requests.first() else {
+                return passed_over;
+            };
+            let due: Vec<&Request> = if self.settings.ordered {
+                // In order: a request waiting for its retry holds the later ones back.
+                if let Some(wait) = head.wait {
+                    return Some(wait);
+                }
+                requests.iter().take_while(|r| r.wait.is_none()).collect()
+            } else {
+                // Unordered: a request waiting for its retry holds nothing back.
+                let soonest = requests.iter().filter_map(|r| r.wait).min();
+                passed_over = passed_over.into_iter().chain(soonest).min();
+                let due: Vec<&Request> = requests.iter().filter(|r| r.wait.is_none()).collect();
+                if due.is_empty() {
+                    if (requests.len() as i64) < FETCH {
+                        return passed_over;
+                    }
+                    cursor = requests.last().map_or(cursor, |r| r.id + 1);
+                    continue;
+                }
+                due
+            };
             let settled = if self.settings.ordered {
                 self.send_in_order(lease, &due, shutdown).await
             } else {
@@ -274,7 +294,16 @@ impl Outbox {
                 Round::DbError => return Some(FIRST_RETRY),
             };
             let last = requests.last().map_or(cursor, |r| r.id + 1);
-            cursor = requests.iter().map(|r| r.id).find(|id| !settled.contains(id)).unwrap_or(last);
+            cursor = if self.settings.ordered {
+                requests.iter().map(|r| r.id).find(|id| !settled.contains(id)).unwrap_or(last)
+            } else {
+                // Past this page: what failed now waits for its retry, at least FIRST_RETRY
+                // away, which the scheduler comes back for, reading from the start again.
+                if due.iter().any(|r| !settled.contains(&r.id)) {
+                    passed_over = passed_over.into_iter().chain([FIRST_RETRY]).min();
+                }
+                last
+            };
         }
     }
 

@@ -114,3 +114,29 @@ async fn a_slow_endpoint_does_not_hold_up_store_db() {
     assert!(shared().echo.requests(&slow).len() <= 1, "the slow endpoint has answered nothing yet");
     assert_eq!(env.counter("SLOW").await, 3);
 }
+
+#[tokio::test]
+async fn unordered_a_request_waiting_for_its_retry_holds_back_no_newer_one() {
+    let mut env = TestEnv::new().await;
+    env.set("HTTP_ORDERED", "false");
+    let topic = env.topic("unordered");
+    // The first request to this path gets 429 with `Retry-After: 5`, every later one 200.
+    let path = format!("/busy/1/5/{}/unordered", env.name);
+    env.add_flow("U", &topic, "POST_ENDPOINT", "{}", Some(&shared().echo.url(&path))).await;
+    let _gateway = env.start().await;
+    publish(&topic, &[br#"{"i": 1}"#]).await;
+    eventually("the first attempt", || shared().echo.count(&path) >= 1).await;
+
+    let payloads: Vec<String> = (2..=10).map(|i| format!(r#"{{"i": {i}}}"#)).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_bytes()).collect();
+    publish(&topic, &refs).await;
+    eventually("the newer requests", || shared().echo.count(&path) >= 10).await;
+    let bodies = || shared().echo.requests(&path).iter().map(|r| r.body_text()).collect::<Vec<_>>();
+    let first = r#"{"i": 1}"#;
+    let sent = bodies();
+    assert_eq!(sent[0], first);
+    assert!(sent[1..10].iter().all(|b| b != first), "the newer ones went out before the retry: {sent:?}");
+    // And the first one goes out again once its `Retry-After` has passed.
+    eventually("the retry", || bodies().len() >= 11).await;
+    assert_eq!(bodies()[10], first);
+}
