@@ -55,11 +55,65 @@ fn main() -> anyhow::Result<()> {
         );
         runs.push(bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000).await?);
         runs.push(bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000).await?);
-        report(&runs, window)
+        // The endpoint's own ceiling, measured in the same run, so POST_ENDPOINT is judged
+        // against what the endpoint could take on this machine now, not against a number.
+        let ceilings = [
+            ("one request at a time", 1, "POST_ENDPOINT, ordered"),
+            ("8 at a time", 8, "POST_ENDPOINT, HTTP_ORDERED=false"),
+        ];
+        let mut compared = Vec::new();
+        for (how, concurrency, scenario) in ceilings {
+            let ceiling = bench.echo_ceiling(messages / 2, concurrency).await?;
+            compared.push((how, ceiling, scenario));
+        }
+        report(&runs, window)?;
+        println!();
+        for (how, ceiling, scenario) in compared {
+            let run = runs.iter().find(|r| r.name == scenario).expect("scenario ran");
+            let rate = run.messages as f64 / run.seconds;
+            println!(
+                "endpoint ceiling, {how}: {ceiling:.0} req/s; {scenario}: {rate:.0} msg/s = {:.0} % of it, \
+                 {:.1} ms of gateway CPU per 1,000 messages",
+                rate / ceiling * 100.0,
+                run.cpu_seconds / run.messages as f64 * 1_000_000.0
+            );
+        }
+        Ok(())
     })
 }
 
 impl Bench {
+    /// Requests per second the echo server answers over keep-alive connections, `concurrency`
+    /// at a time, with the body the POST_ENDPOINT scenarios send.
+    async fn echo_ceiling(&self, requests: u64, concurrency: usize) -> anyhow::Result<f64> {
+        mqtt_gateway::tls::install_crypto_provider();
+        let client = reqwest::Client::new();
+        let url = self.echo.url("/ceiling");
+        let body = payload(2);
+        let started = Instant::now();
+        let per_task = requests / concurrency as u64;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tasks.spawn(async move {
+                for _ in 0..per_task {
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    response.bytes().await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        Ok((per_task * concurrency as u64) as f64 / started.elapsed().as_secs_f64())
+    }
+
     async fn start(window: u32) -> anyhow::Result<Bench> {
         let db = MariaDb::start(Durability::Full)?;
         let broker = Mosquitto::start_with(&format!(
