@@ -49,12 +49,38 @@ async fn wait_ready_status(port: u16, status: u16) -> String {
 
 /// Everything published is stored exactly once, the counter is exact, nothing failed.
 async fn assert_all_stored(env: &TestEnv, gateway: &testkit::Gateway, count: i64) {
-    env.wait_distinct("S", count, Duration::from_secs(90)).await;
+    wait_stored(env, count, Duration::from_secs(150)).await;
     let (distinct, total) = env.distinct_i("S").await;
     assert_eq!((distinct, total), (count, count), "stored once each");
     assert_eq!(env.counter("S").await as i64, count, "counter");
     let logs = gateway.logs();
     assert_eq!(gateway.count("Error processing topic"), 0, "no message may be dropped:\n{logs}");
+}
+
+/// Waits until `count` distinct messages of flow S are stored. Queries that fail or time out
+/// count as "not yet": a MariaDB that hit a full disk may wait up to a minute after space is
+/// freed before it goes on ("Waiting for someone to free space...").
+async fn wait_stored(env: &TestEnv, count: i64, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let query = sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(DISTINCT attribute_value) FROM data WHERE flow_code = 'S' AND attribute_name = 'i'",
+        )
+        .fetch_one(&env.pool);
+        // Not cut short by a timeout of ours: a query cancelled half way can leave the test's
+        // own pool without a usable connection. The pool's acquire timeout bounds it.
+        let stored = query.await.unwrap_or(-1);
+        if stored >= count {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stored} of {count} messages stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One ERROR line when holding starts, not one per retry.
+fn assert_one_episode(gateway: &testkit::Gateway) {
+    let logs = gateway.logs();
     assert_eq!(gateway.count("Database cannot take writes"), 1, "one line when holding starts:\n{logs}");
 }
 
@@ -84,6 +110,7 @@ async fn a_table_renamed_away_holds_the_stream_until_it_is_back() {
 
     publishing.await.unwrap();
     assert_all_stored(&env, &gateway, 900).await;
+    assert_one_episode(&gateway);
     wait_log(&gateway, "Database takes writes again").await;
     wait_ready_status(port, 200).await;
 }
@@ -122,6 +149,7 @@ async fn a_revoked_privilege_holds_the_stream_until_it_is_granted_again() {
 
     publishing.await.unwrap();
     assert_all_stored(&env, &gateway, 900).await;
+    assert_one_episode(&gateway);
     wait_ready_status(port, 200).await;
     let _ = shared().db.sql(&format!("DROP USER '{user}'@'%'"));
 }
@@ -225,7 +253,7 @@ async fn a_full_disk_holds_the_stream_and_loses_nothing() {
     }
     let disk = SmallDisk::mount(300);
     let data = disk.dir.path().join("data");
-    let server =
+    let mut server =
         MariaDb::start_in(Durability::Relaxed, Some(data), &["--innodb-use-native-aio=0".to_owned()])
             .expect("MariaDB on a tmpfs");
     let mut env = TestEnv::on(&server).await;
@@ -233,7 +261,7 @@ async fn a_full_disk_holds_the_stream_and_loses_nothing() {
     env.add_flow("S", &topic, "STORE_DB", "{}", None).await;
     let (gateway, port) = start_watched(&mut env).await;
     let publishing = stream(topic, 2000, 250, 2000);
-    env.wait_distinct("S", 200, WAIT).await;
+    wait_stored(&env, 200, WAIT).await;
 
     disk.fill();
     wait_log(&gateway, "Database cannot take writes").await;
@@ -242,9 +270,18 @@ async fn a_full_disk_holds_the_stream_and_loses_nothing() {
     // Hold a few seconds with the stream still coming, then free the space.
     tokio::time::sleep(Duration::from_secs(3)).await;
     disk.free();
+    // MariaDB 10.11 sometimes aborts on a full disk ("Out of disk space in rollback"). An
+    // operator's service manager restarts it; so does the test. The gateway holds either way.
+    if !server.is_running() {
+        eprintln!("MariaDB aborted on the full disk; restarting it");
+        server.restart().expect("restart MariaDB");
+    }
 
     publishing.await.unwrap();
     assert_all_stored(&env, &gateway, 2000).await;
+    // A filling disk can let a write through now and then (InnoDB finds a free page), so the
+    // gateway may hold more than once; what matters is that it held and lost nothing.
+    assert!(gateway.count("Database cannot take writes") >= 1, "{}", gateway.logs());
     wait_ready_status(port, 200).await;
     drop(gateway);
     drop(env);

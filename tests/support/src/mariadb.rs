@@ -128,6 +128,11 @@ impl MariaDb {
         }
     }
 
+    /// Whether the server process is still there (a full disk can make InnoDB abort).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Starts the server again on the same port and data.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
