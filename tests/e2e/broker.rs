@@ -93,7 +93,7 @@ async fn a_retained_message_is_stored_once_across_gateway_restarts() {
         gateway.signal(libc::SIGTERM);
         assert_eq!(exit_code(&mut gateway).await, 0);
     }
-    let retained_rows = env.rows("R").await.into_iter().filter(|(name, _, _)| name == "v").count();
+    let retained_rows = env.values_of("R", "v").await.len();
     assert_eq!(retained_rows, 1, "the retained message is stored once across four starts");
 
     // A broker restarted without persistence has no session: a new subscription, and a

@@ -171,6 +171,16 @@ impl TestEnv {
         .collect()
     }
 
+    /// The values a flow stored for one attribute, in insertion order.
+    pub async fn values_of(&self, code: &str, attribute: &str) -> Vec<String> {
+        self.rows(code)
+            .await
+            .into_iter()
+            .filter(|(name, _, _)| name == attribute)
+            .map(|(_, value, _)| value)
+            .collect()
+    }
+
     /// How many rows of a flow hold each distinct value of attribute `i`: `(distinct, total)`.
     pub async fn distinct_i(&self, code: &str) -> (i64, i64) {
         let row = sqlx::query(

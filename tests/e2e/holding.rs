@@ -183,13 +183,7 @@ async fn a_value_the_column_refuses_fails_alone() {
     env.wait_distinct("S", 8, WAIT).await;
     env.wait_counter("O", 9).await;
     wait_log(&gateway, "Data too long").await;
-    let stored: Vec<String> = env
-        .rows("S")
-        .await
-        .into_iter()
-        .filter(|(name, _, _)| name == "i")
-        .map(|(_, value, _)| value)
-        .collect();
+    let stored = env.values_of("S", "i").await;
     assert!(!stored.contains(&"5".to_owned()), "{stored:?}");
     assert_eq!(env.counter("S").await, 8, "the refused message takes no id");
     assert_eq!(gateway.count("Error processing topic"), 1, "{}", gateway.logs());

@@ -100,13 +100,7 @@ async fn a_message_too_big_for_the_server_fails_alone() {
     env.wait_distinct("S", 8, WAIT).await;
     env.wait_distinct("SMALL", 9, WAIT).await;
     wait_log(&gateway, "the POST body of 100").await;
-    let stored: Vec<String> = env
-        .rows("S")
-        .await
-        .into_iter()
-        .filter(|(name, _, _)| name == "i")
-        .map(|(_, value, _)| value)
-        .collect();
+    let stored = env.values_of("S", "i").await;
     assert!(!stored.contains(&"5".to_owned()), "{stored:?}");
     assert_eq!(env.rows("S").await.len(), 8 * 11, "the others whole, the refused one not at all");
     assert_eq!(env.counter("S").await, 8, "the refused message takes no id");

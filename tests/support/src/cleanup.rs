@@ -45,6 +45,17 @@ pub fn terminate(mut child: std::process::Child) {
     release(child.id(), None);
 }
 
+/// Kills a service at once (its handle is dropping), reaps it, forgets it, and removes its
+/// directory.
+pub fn kill(child: Option<std::process::Child>, dir: &Path) {
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+        release(child.id(), None);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Forgets a service its owner has stopped and reaped, and removes its directory if given.
 pub fn release(pid: u32, dir: Option<&Path>) {
     REGISTERED.lock().unwrap_or_else(|p| p.into_inner()).retain(|(p, _)| *p != pid);

@@ -206,12 +206,7 @@ impl GaleraNode {
 
 impl Drop for GaleraNode {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-            cleanup::release(child.id(), None);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        cleanup::kill(self.child.take(), &self.dir);
     }
 }
 

@@ -173,12 +173,7 @@ impl MariaDb {
 
 impl Drop for MariaDb {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-            cleanup::release(child.id(), None);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        cleanup::kill(self.child.take(), &self.dir);
     }
 }
 
