@@ -5,6 +5,11 @@
 //! Scenarios: STORE_DB with 2 and 8 attributes and POST_ENDPOINT at full publishing speed;
 //! end-to-end latency at a fixed 1,000 msg/s for both actions. Prints a table and writes
 //! `target/bench/throughput.json`. Sizes can be scaled with `BENCH_MESSAGES` (default 100000).
+//! POST_ENDPOINT is also judged against the endpoint's own ceiling and against the CPU a bare
+//! HTTP client spends per request, both measured in the same run.
+//!
+//! `BENCH_ONLY=post` or `BENCH_ONLY=store` runs one full-speed scenario alone, long enough to
+//! profile the gateway under it (`perf record -p <gateway pid>`).
 
 use serde_json::json;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
@@ -38,11 +43,27 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
+    if let Some(i) = std::env::args().position(|a| a == "--bare-client") {
+        let args: Vec<String> = std::env::args().skip(i + 1).collect();
+        return bare_client(&args[0], args[1].parse()?);
+    }
     let messages: u64 = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let window: u32 = std::env::var("BENCH_BROKER_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let bench = Bench::start(window).await?;
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("post") {
+            // For profiling the gateway under POST load alone (`perf record -p`).
+            let run = bench.full_speed("POST_ENDPOINT, ordered", "POST_ENDPOINT", 2, messages, &[]).await?;
+            let floor = bench.bare_client_cpu(messages).await?;
+            report(&[run], window)?;
+            println!("bare client: {floor:.1} ms CPU per 1,000 requests");
+            return Ok(());
+        }
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("store") {
+            let run = bench.full_speed("STORE_DB, 2 attributes", "STORE_DB", 2, messages, &[]).await?;
+            return report(&[run], window);
+        }
         let mut runs = Vec::new();
         runs.push(bench.full_speed("STORE_DB, 2 attributes", "STORE_DB", 2, messages, &[]).await?);
         runs.push(bench.full_speed("STORE_DB, 8 attributes", "STORE_DB", 8, messages, &[]).await?);
@@ -66,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             let ceiling = bench.echo_ceiling(messages / 2, concurrency).await?;
             compared.push((how, ceiling, scenario));
         }
+        let floor = bench.bare_client_cpu(messages / 2).await?;
         report(&runs, window)?;
         println!();
         for (how, ceiling, scenario) in compared {
@@ -78,6 +100,13 @@ fn main() -> anyhow::Result<()> {
                 run.cpu_seconds / run.messages as f64 * 1_000_000.0
             );
         }
+        let ordered = runs.iter().find(|r| r.name == "POST_ENDPOINT, ordered").expect("scenario ran");
+        let cpu = ordered.cpu_seconds / ordered.messages as f64 * 1_000_000.0;
+        println!(
+            "a bare HTTP client posting one at a time: {floor:.1} ms of CPU per 1,000 requests; \
+             POST_ENDPOINT, ordered: {cpu:.1} ms = {:.1}x that",
+            cpu / floor
+        );
         Ok(())
     })
 }
@@ -112,6 +141,21 @@ impl Bench {
             done??;
         }
         Ok((per_task * concurrency as u64) as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// CPU per 1,000 requests that a sender can hardly go below: a bare reqwest client in a
+    /// process of its own, on a one-thread runtime like the gateway's, posting the same body
+    /// one request at a time to the same endpoint. The kernel's work for a loopback round trip
+    /// (the receiver's side of it included) is charged to the sender, so this is most of what
+    /// a POST costs the gateway.
+    async fn bare_client_cpu(&self, requests: u64) -> anyhow::Result<f64> {
+        let output = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["--bare-client", &self.echo.url("/bare"), &requests.to_string()])
+            .output()
+            .await?;
+        anyhow::ensure!(output.status.success(), "bare client: {}", String::from_utf8_lossy(&output.stderr));
+        let seconds: f64 = String::from_utf8(output.stdout)?.trim().parse()?;
+        Ok(seconds / requests as f64 * 1_000_000.0)
     }
 
     async fn start(window: u32) -> anyhow::Result<Bench> {
@@ -325,6 +369,33 @@ async fn publish(
 }
 
 /// User plus system CPU time of a process.
+/// The child side of [`Bench::bare_client_cpu`]: prints the CPU seconds its requests took.
+fn bare_client(url: &str, requests: u64) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        mqtt_gateway::tls::install_crypto_provider();
+        let client = reqwest::Client::new();
+        let body = payload(2);
+        let post = async |n: u64| -> anyhow::Result<()> {
+            for _ in 0..n {
+                let response = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                response.error_for_status()?.bytes().await?;
+            }
+            Ok(())
+        };
+        post(1_000).await?;
+        let before = cpu_seconds(std::process::id());
+        post(requests).await?;
+        println!("{}", cpu_seconds(std::process::id()) - before);
+        Ok(())
+    })
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start after the last ')'.
