@@ -40,14 +40,10 @@ pub fn free_port() -> u16 {
         .expect("cannot bind an ephemeral port on 127.0.0.1")
 }
 
-/// Finds a program on PATH or in the sbin directories Debian puts servers in.
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
+/// The one PATH search of the project, shared with `cargo xtask` (a dependency-free file).
+#[path = "../../../xtask/src/which.rs"]
+mod which;
+pub use which::find_program;
 
 /// The program, or an error that says how to install it.
 pub fn require_program(name: &str, debian_package: &str) -> anyhow::Result<PathBuf> {
