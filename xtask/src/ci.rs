@@ -8,8 +8,9 @@ pub fn ci() -> anyhow::Result<()> {
     crate::nix::check()?;
     cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
     cargo(
-        "NixOS option types against config.rs, the Debian unit against the module's",
-        &["test", "--test", "nixos_options", "--test", "debian_unit"],
+        "NixOS option types against config.rs, settings across config.rs, README and module, \
+         the Debian unit against the module's",
+        &["test", "--test", "nixos_options", "--test", "settings_tidy", "--test", "debian_unit"],
     )?;
     e2e()?;
     crate::cluster::cluster()
