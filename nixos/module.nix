@@ -38,6 +38,9 @@ let
     types.externalPath
       or (types.addCheck types.str (s: lib.hasPrefix "/" s && !lib.hasPrefix builtins.storeDir s));
 
+  # A secret file for systemd to read into the credentials directory (`%d/<name>`).
+  credential = name: file: optional (file != null) "${name}:${file}";
+
   # The one system user: with a local database it is also the database user, which MariaDB
   # authenticates by the connecting process's user (unix_socket), so no password exists.
   user = "mqtt-gateway";
@@ -490,9 +493,9 @@ in
         DynamicUser = true;
         User = user;
         LoadCredential =
-          optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}"
-          ++ optional (cfg.database.tls.clientKeyFile != null) "db-client-key:${cfg.database.tls.clientKeyFile}"
-          ++ optional (cfg.mqtt.tls.clientKeyFile != null) "mqtt-client-key:${cfg.mqtt.tls.clientKeyFile}";
+          credential "db-password" cfg.database.passwordFile
+          ++ credential "db-client-key" cfg.database.tls.clientKeyFile
+          ++ credential "mqtt-client-key" cfg.mqtt.tls.clientKeyFile;
         EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
 
         # Hardening: the gateway talks TCP (or a Unix socket) and writes nothing but logs.

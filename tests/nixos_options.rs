@@ -317,7 +317,7 @@ fn secrets_of_the_module_are_credentials_never_variables() {
     ] {
         assert!(env[var].contains(&format!("\"%d/{credential}\"")), "{var} = {}", env[var]);
         assert!(
-            MODULE.contains(&format!("\"{credential}:${{{option}}}\"")),
+            MODULE.contains(&format!("credential \"{credential}\" {option}")),
             "{option} is not passed with LoadCredential as {credential}"
         );
     }
