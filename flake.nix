@@ -10,7 +10,8 @@
         "x86_64-linux"
         "aarch64-linux"
       ];
-      forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+      inherit (nixpkgs) lib;
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
     in
     {
       overlays.default = final: _prev: {
@@ -25,7 +26,7 @@
       apps = forAllSystems (pkgs: {
         default = {
           type = "app";
-          program = nixpkgs.lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          program = lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.default;
           meta.description = "Run mqtt-gateway with the environment's configuration";
         };
       });
@@ -46,14 +47,22 @@
         pkgs:
         let
           package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          # Every nixos/tests/<name>.nix is the check `vm-<name>`, one scenario per file: adding a
+          # test is adding a file. Other files there (echo-server.py) are what the tests use.
+          tests = lib.filterAttrs (file: type: type == "regular" && lib.hasSuffix ".nix" file) (
+            builtins.readDir ./nixos/tests
+          );
           vmTest =
-            file:
-            pkgs.testers.runNixOSTest {
-              imports = [ file ];
-              defaults.imports = [ self.nixosModules.mqtt-gateway ];
-            };
+            file: _:
+            lib.nameValuePair "vm-${lib.removeSuffix ".nix" file}" (
+              pkgs.testers.runNixOSTest {
+                imports = [ ./nixos/tests/${file} ];
+                defaults.imports = [ self.nixosModules.mqtt-gateway ];
+              }
+            );
         in
-        {
+        lib.mapAttrs' vmTest tests
+        // {
           inherit package;
           clippy = package.overrideAttrs (old: {
             pname = "mqtt-gateway-clippy";
@@ -66,8 +75,6 @@
             doCheck = false;
             installPhase = "touch $out";
           });
-          vm-gateway = vmTest ./nixos/tests/gateway.nix;
-          vm-remote-database = vmTest ./nixos/tests/remote-database.nix;
         }
       );
 

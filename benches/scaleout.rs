@@ -8,14 +8,12 @@
 //! it reached.
 
 use serde_json::json;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::MySqlPool;
 use std::time::{Duration, Instant};
 use testkit::mariadb::Durability;
-use testkit::{GaleraCluster, Gateway, MariaDb, Mosquitto, Publisher};
+use testkit::{GaleraCluster, Gateway, GatewayDb, Login, MariaDb, Mosquitto, Publisher, SqlServer};
 
-const USER: &str = "bench";
-const PASSWORD: &str = "bench-password";
+const LOGIN: Login = Login { database: "bench", user: "bench", password: "bench-password" };
 const SPREAD_FLOWS: usize = 6;
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
@@ -24,6 +22,8 @@ struct Engine {
     name: &'static str,
     ports: Vec<u16>,
     pool: MySqlPool,
+    /// What every gateway is started with; `DB_PORT` is set per instance.
+    env: Vec<(String, String)>,
 }
 
 struct Run {
@@ -51,15 +51,13 @@ fn main() -> anyhow::Result<()> {
         let mut runs = Vec::new();
         {
             let db = MariaDb::start(Durability::Full)?;
-            db.create_database("bench", USER, PASSWORD)?;
-            let engine = Engine::new("one MariaDB", vec![db.port]).await?;
+            let engine = Engine::new("one MariaDB", &db, vec![db.port], &broker).await?;
             runs.extend(engine.runs(&broker, messages).await?);
         }
         {
             let cluster = GaleraCluster::start(3)?;
-            cluster.create_database("bench", USER, PASSWORD)?;
             let ports = (0..cluster.len()).map(|i| cluster.node(i).port).collect();
-            let engine = Engine::new("Galera, 3 nodes", ports).await?;
+            let engine = Engine::new("Galera, 3 nodes", &cluster, ports, &broker).await?;
             runs.extend(engine.runs(&broker, messages).await?);
         }
         report(&runs)
@@ -67,16 +65,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 impl Engine {
-    async fn new(name: &'static str, ports: Vec<u16>) -> anyhow::Result<Engine> {
-        let options = MySqlConnectOptions::new()
-            .host("127.0.0.1")
-            .port(ports[0])
-            .username(USER)
-            .password(PASSWORD)
-            .database("bench");
-        let pool = MySqlPoolOptions::new().max_connections(2).connect_with(options).await?;
+    async fn new(
+        name: &'static str,
+        server: &impl SqlServer,
+        ports: Vec<u16>,
+        broker: &Mosquitto,
+    ) -> anyhow::Result<Engine> {
+        let GatewayDb { pool, env } = GatewayDb::create(server, LOGIN, broker.port).await?;
         mqtt_gateway::db::migrate(&pool).await?;
-        Ok(Engine { name, ports, pool })
+        Ok(Engine { name, ports, pool, env })
     }
 
     async fn runs(&self, broker: &Mosquitto, messages: u64) -> anyhow::Result<Vec<Run>> {
@@ -113,9 +110,8 @@ impl Engine {
             ids.push(done.last_insert_id() as i32);
             topics.push(topic);
         }
-        let gateways: Vec<Gateway> = (0..instances)
-            .map(|i| self.gateway(broker, &format!("{tag}-{i}"), &tag, i))
-            .collect::<Result<_, _>>()?;
+        let gateways: Vec<Gateway> =
+            (0..instances).map(|i| self.gateway(&format!("{tag}-{i}"), &tag, i)).collect::<Result<_, _>>()?;
         for gateway in &gateways {
             if !testkit::wait_until(Duration::from_secs(30), || gateway.count("Gateway ready") > 0) {
                 anyhow::bail!("a gateway did not start:\n{}", gateway.logs());
@@ -138,22 +134,15 @@ impl Engine {
         Ok(Run { engine: self.name, flows, instances, target: messages, done, seconds, conflicts })
     }
 
-    fn gateway(&self, broker: &Mosquitto, client_id: &str, group: &str, i: usize) -> anyhow::Result<Gateway> {
-        let env: Vec<(String, String)> = [
-            ("DB_HOST", "127.0.0.1".to_owned()),
+    fn gateway(&self, client_id: &str, group: &str, i: usize) -> anyhow::Result<Gateway> {
+        let mut env = self.env.clone();
+        for (name, value) in [
             ("DB_PORT", self.ports[i % self.ports.len()].to_string()),
-            ("DB_NAME", "bench".to_owned()),
-            ("DB_USER", USER.to_owned()),
-            ("DB_PASSWORD", PASSWORD.to_owned()),
-            ("MQTT_DEFAULT_HOST", "127.0.0.1".to_owned()),
-            ("MQTT_DEFAULT_PORT", broker.port.to_string()),
             ("MQTT_CLIENT_ID", client_id.to_owned()),
             ("MQTT_SHARED_GROUP", group.to_owned()),
-            ("RUST_LOG", "info".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        ] {
+            testkit::set_var(&mut env, name, value);
+        }
         Gateway::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_mqtt-gateway")), &env)
     }
 

@@ -12,20 +12,20 @@
 //! profile the gateway under it (`perf record -p <gateway pid>`).
 
 use serde_json::json;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::MySqlPool;
 use std::time::{Duration, Instant};
 use testkit::mariadb::Durability;
-use testkit::{EchoServer, Gateway, MariaDb, Mosquitto, Publisher};
+use testkit::{EchoServer, Gateway, GatewayDb, Login, MariaDb, Mosquitto, Publisher};
 
-const DB_USER: &str = "bench";
-const DB_PASSWORD: &str = "bench-password";
+const LOGIN: Login = Login { database: "bench", user: "bench", password: "bench-password" };
 
 struct Bench {
-    db: MariaDb,
+    _db: MariaDb,
     broker: Mosquitto,
     echo: EchoServer,
     pool: MySqlPool,
+    /// What every gateway of the benchmark is started with.
+    env: Vec<(String, String)>,
 }
 
 /// One scenario's measurements.
@@ -164,33 +164,14 @@ impl Bench {
             "allow_anonymous true\nmax_inflight_messages {window}\nmax_queued_messages 10000000\n"
         ))?;
         let echo = EchoServer::start()?;
-        db.create_database("bench", DB_USER, DB_PASSWORD)?;
-        let options = MySqlConnectOptions::new()
-            .host("127.0.0.1")
-            .port(db.port)
-            .username(DB_USER)
-            .password(DB_PASSWORD)
-            .database("bench");
-        let pool = MySqlPoolOptions::new().max_connections(2).connect_with(options).await?;
+        let GatewayDb { pool, env } = GatewayDb::create(&db, LOGIN, broker.port).await?;
         mqtt_gateway::db::migrate(&pool).await?;
-        Ok(Bench { db, broker, echo, pool })
+        Ok(Bench { _db: db, broker, echo, pool, env })
     }
 
     fn gateway(&self, client_id: &str, extra: &[(&str, &str)]) -> anyhow::Result<Gateway> {
-        let mut env: Vec<(String, String)> = [
-            ("DB_HOST", "127.0.0.1".to_owned()),
-            ("DB_PORT", self.db.port.to_string()),
-            ("DB_NAME", "bench".to_owned()),
-            ("DB_USER", DB_USER.to_owned()),
-            ("DB_PASSWORD", DB_PASSWORD.to_owned()),
-            ("MQTT_DEFAULT_HOST", "127.0.0.1".to_owned()),
-            ("MQTT_DEFAULT_PORT", self.broker.port.to_string()),
-            ("MQTT_CLIENT_ID", client_id.to_owned()),
-            ("RUST_LOG", "info".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        let mut env = self.env.clone();
+        testkit::set_var(&mut env, "MQTT_CLIENT_ID", client_id.to_owned());
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let gateway = Gateway::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_mqtt-gateway")), &env)?;
         if !testkit::wait_until(Duration::from_secs(30), || gateway.count("Gateway ready") > 0) {

@@ -6,11 +6,10 @@
 //! readings and shows the rows, the counters and the POSTs received. It then keeps running
 //! until Ctrl-C, so you can publish more yourself; `--check` makes it verify and exit instead.
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::Row;
 use std::time::Duration;
 use testkit::mariadb::Durability;
-use testkit::{EchoServer, Gateway, MariaDb, Mosquitto, Publisher};
+use testkit::{EchoServer, Gateway, GatewayDb, Login, MariaDb, Mosquitto, Publisher};
 
 const READINGS: [(f64, f64); 5] = [(21.5, 40.0), (21.7, 41.2), (22.0, 41.0), (22.4, 39.8), (22.1, 40.5)];
 
@@ -54,14 +53,9 @@ async fn demo(check: bool) -> anyhow::Result<()> {
     let db = MariaDb::start(Durability::Relaxed)?;
     let broker = Mosquitto::start()?;
     let echo = EchoServer::start()?;
-    db.create_database("demo", "demo", "demo-password")?;
-    let options = MySqlConnectOptions::new()
-        .host("127.0.0.1")
-        .port(db.port)
-        .username("demo")
-        .password("demo-password")
-        .database("demo");
-    let pool = MySqlPoolOptions::new().max_connections(2).connect_with(options).await?;
+    let login = Login { database: "demo", user: "demo", password: "demo-password" };
+    let demo_db = GatewayDb::create(&db, login, broker.port).await?;
+    let pool = demo_db.pool.clone();
     mqtt_gateway::db::migrate(&pool).await?;
     let endpoint = echo.url("/aht10");
     for (code, action, schema, url) in [
@@ -81,20 +75,10 @@ async fn demo(check: bool) -> anyhow::Result<()> {
     }
 
     let metrics_port = testkit::free_port();
-    let env: Vec<(String, String)> = [
-        ("DB_HOST", "127.0.0.1".to_owned()),
-        ("DB_PORT", db.port.to_string()),
-        ("DB_NAME", "demo".to_owned()),
-        ("DB_USER", "demo".to_owned()),
-        ("DB_PASSWORD", "demo-password".to_owned()),
-        ("MQTT_DEFAULT_HOST", "127.0.0.1".to_owned()),
-        ("MQTT_DEFAULT_PORT", broker.port.to_string()),
+    let env = demo_db.env_with(&[
         ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
         ("FLOWS_RELOAD_INTERVAL_SECONDS", "5".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    ]);
     let binary = std::env::current_exe()?.parent().and_then(|d| d.parent()).map(|d| d.join("mqtt-gateway"));
     let binary = binary
         .filter(|b| b.is_file())

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 use testkit::mariadb::Durability;
-use testkit::{EchoServer, Gateway, MariaDb, Mosquitto, Prometheus, Publisher};
+use testkit::{EchoServer, Gateway, GatewayDb, Login, MariaDb, Mosquitto, Prometheus, Publisher};
 
 /// The dashboard's "Messages processed per second, by flow" panel.
 const QUERY: &str = "sum by (flow) (rate(mqtt_gateway_messages_processed_total[1m]))";
@@ -57,14 +57,9 @@ async fn run_traffic() -> anyhow::Result<(Prometheus, Services)> {
     let db = MariaDb::start(Durability::Relaxed)?;
     let broker = Mosquitto::start()?;
     let echo = EchoServer::start()?;
-    db.create_database("shot", "shot", "shot-password")?;
-    let options = sqlx::mysql::MySqlConnectOptions::new()
-        .host("127.0.0.1")
-        .port(db.port)
-        .username("shot")
-        .password("shot-password")
-        .database("shot");
-    let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(2).connect_with(options).await?;
+    let login = Login { database: "shot", user: "shot", password: "shot-password" };
+    let shot_db = GatewayDb::create(&db, login, broker.port).await?;
+    let pool = shot_db.pool.clone();
     mqtt_gateway::db::migrate(&pool).await?;
     let endpoint = echo.url("/door");
     for (code, topic, action, url) in [
@@ -84,19 +79,7 @@ async fn run_traffic() -> anyhow::Result<(Prometheus, Services)> {
         .await?;
     }
     let metrics_port = testkit::free_port();
-    let env: Vec<(String, String)> = [
-        ("DB_HOST", "127.0.0.1".to_owned()),
-        ("DB_PORT", db.port.to_string()),
-        ("DB_NAME", "shot".to_owned()),
-        ("DB_USER", "shot".to_owned()),
-        ("DB_PASSWORD", "shot-password".to_owned()),
-        ("MQTT_DEFAULT_HOST", "127.0.0.1".to_owned()),
-        ("MQTT_DEFAULT_PORT", broker.port.to_string()),
-        ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let env = shot_db.env_with(&[("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))]);
     let binary = std::env::current_exe()?.parent().and_then(|d| d.parent()).map(|d| d.join("mqtt-gateway"));
     let binary = binary
         .filter(|b| b.is_file())

@@ -8,7 +8,7 @@
 #     mqtt.defaultHost = "broker.lan";
 #   };
 #
-# Secrets never enter the Nix store: the database password and the MQTT client key are files
+# Secrets never enter the Nix store: the database password and the client keys are files
 # read by systemd (LoadCredential) and handed to the service in its credentials directory; their
 # options take strings (`types.externalPath`), so a Nix path literal cannot copy one into the
 # store. Public files (CA, client certificate) may be path literals: those are copied to the
@@ -38,6 +38,9 @@ let
     types.externalPath
       or (types.addCheck types.str (s: lib.hasPrefix "/" s && !lib.hasPrefix builtins.storeDir s));
 
+  # A secret file for systemd to read into the credentials directory (`%d/<name>`).
+  credential = name: file: optional (file != null) "${name}:${file}";
+
   # The one system user: with a local database it is also the database user, which MariaDB
   # authenticates by the connecting process's user (unix_socket), so no password exists.
   user = "mqtt-gateway";
@@ -49,6 +52,11 @@ let
       DB_HOST = if cfg.database.createLocally then null else cfg.database.host;
       DB_PORT = if cfg.database.createLocally then null else toString cfg.database.port;
       DB_SOCKET = if cfg.database.createLocally then "/run/mysqld/mysqld.sock" else cfg.database.socket;
+      DB_SSL_MODE = cfg.database.tls.mode;
+      DB_SSL_CA = if cfg.database.tls.caFile == null then null else "${cfg.database.tls.caFile}";
+      DB_SSL_CERT =
+        if cfg.database.tls.clientCertFile == null then null else "${cfg.database.tls.clientCertFile}";
+      DB_SSL_KEY = if cfg.database.tls.clientKeyFile == null then null else "%d/db-client-key";
       MQTT_DEFAULT_HOST = cfg.mqtt.defaultHost;
       MQTT_DEFAULT_PORT = toString cfg.mqtt.defaultPort;
       MQTT_CLIENT_ID = cfg.mqtt.clientId;
@@ -71,6 +79,8 @@ let
       HTTP_RETRY_MAX_DELAY_SECONDS = toString cfg.http.retryMaxDelay;
       HTTP_CONCURRENCY = toString cfg.http.concurrency;
       HTTP_ORDERED = lib.boolToString cfg.http.ordered;
+      HTTP_CA_FILE = if cfg.http.caFile == null then null else "${cfg.http.caFile}";
+      OUTBOX_LEASE_SECONDS = toString cfg.outbox.lease;
       MAX_IN_FLIGHT = toString cfg.maxInFlight;
       MAX_IN_FLIGHT_BYTES = toString cfg.maxInFlightBytes;
       BATCH_MAX_MESSAGES = toString cfg.batch.maxMessages;
@@ -131,6 +141,43 @@ in
           never enters the Nix store (a string path outside the store; a Nix path literal is
           refused).
         '';
+      };
+      tls = {
+        mode = mkOption {
+          type = types.nullOr (
+            types.enum [
+              "disabled"
+              "preferred"
+              "required"
+              "verify_ca"
+              "verify_identity"
+            ]
+          );
+          default = null;
+          example = "verify_identity";
+          description = ''
+            TLS to the database (`DB_SSL_MODE`), with the MySQL client's `--ssl-mode` meanings;
+            when null, `preferred` over TCP and `disabled` over a Unix socket (and so with
+            `createLocally`).
+          '';
+        };
+        caFile = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          example = lib.literalExpression "./db-ca.pem";
+          description = "PEM CA certificates that sign the database server's certificate (`DB_SSL_CA`), trusted besides the system's roots; only with mode `verify_ca` or `verify_identity`. A Nix path literal is copied to the store.";
+        };
+        clientCertFile = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          description = "PEM client certificate chain for a database user that must present one, `REQUIRE X509` (`DB_SSL_CERT`). A Nix path literal is copied to the store.";
+        };
+        clientKeyFile = mkOption {
+          type = types.nullOr secretPath;
+          default = null;
+          example = "/run/secrets/mqtt-gateway-db-client.key";
+          description = "PEM key of that certificate (`DB_SSL_KEY`), passed as a systemd credential; a string path outside the store.";
+        };
       };
     };
 
@@ -240,6 +287,18 @@ in
         default = true;
         description = "Deliver each flow's POSTs in arrival order, one at a time (`HTTP_ORDERED`).";
       };
+      caFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = lib.literalExpression "./endpoints-ca.pem";
+        description = "PEM CA certificates trusted for HTTPS endpoints besides the system's roots (`HTTP_CA_FILE`); a file without a certificate stops the start. A Nix path literal is copied to the store.";
+      };
+    };
+
+    outbox.lease = mkOption {
+      type = types.ints.between 1 86400;
+      default = 30;
+      description = "Seconds an instance's hold on a flow's outbox lasts without renewal (`OUTBOX_LEASE_SECONDS`); it is renewed every third of that while delivering, and another instance takes over a dead one's flows after it.";
     };
 
     maxInFlight = mkOption {
@@ -323,6 +382,27 @@ in
       {
         assertion = (cfg.mqtt.tls.clientCertFile == null) == (cfg.mqtt.tls.clientKeyFile == null);
         message = "services.mqtt-gateway: mqtt.tls.clientCertFile and mqtt.tls.clientKeyFile go together.";
+      }
+      {
+        assertion = (cfg.database.tls.clientCertFile == null) == (cfg.database.tls.clientKeyFile == null);
+        message = "services.mqtt-gateway: database.tls.clientCertFile and database.tls.clientKeyFile go together.";
+      }
+      {
+        assertion =
+          cfg.database.tls.caFile == null
+          || cfg.database.tls.mode == "verify_ca"
+          || cfg.database.tls.mode == "verify_identity";
+        message = "services.mqtt-gateway: database.tls.caFile is only used to verify the server; set database.tls.mode to \"verify_ca\" or \"verify_identity\", or remove it.";
+      }
+      {
+        # Over a Unix socket (so with createLocally) TLS is off unless a mode is given.
+        assertion =
+          cfg.database.tls.clientCertFile == null
+          || (
+            cfg.database.tls.mode != "disabled"
+            && (cfg.database.tls.mode != null || (!cfg.database.createLocally && cfg.database.socket == null))
+          );
+        message = "services.mqtt-gateway: database.tls.clientCertFile needs TLS to the database, which is off with mode \"disabled\" or, when no mode is set, over a Unix socket; set database.tls.mode.";
       }
       {
         assertion =
@@ -413,8 +493,9 @@ in
         DynamicUser = true;
         User = user;
         LoadCredential =
-          optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}"
-          ++ optional (cfg.mqtt.tls.clientKeyFile != null) "mqtt-client-key:${cfg.mqtt.tls.clientKeyFile}";
+          credential "db-password" cfg.database.passwordFile
+          ++ credential "db-client-key" cfg.database.tls.clientKeyFile
+          ++ credential "mqtt-client-key" cfg.mqtt.tls.clientKeyFile;
         EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
 
         # Hardening: the gateway talks TCP (or a Unix socket) and writes nothing but logs.

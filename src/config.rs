@@ -277,6 +277,17 @@ impl Settings {
         Settings::from_vars(std::env::vars())
     }
 
+    /// `LOG_DIR` alone, read as [`Settings::from_env`] reads it, for the one line that says
+    /// why the rest of the configuration was refused: it still reaches the daily files.
+    pub fn log_dir_from_env() -> Option<PathBuf> {
+        #[derive(Deserialize)]
+        struct LogDirOnly {
+            log_dir: Option<PathBuf>,
+        }
+        let only: LogDirOnly = envy::from_iter(std::env::vars()).ok()?;
+        log_dir(only.log_dir)
+    }
+
     /// Reads the given variables, as the process environment would hold them.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
         let raw: Raw = envy::from_iter(vars).map_err(|e| match e {
@@ -363,7 +374,7 @@ impl Settings {
                 password,
                 tls: db_tls,
             },
-            log_dir: raw.log_dir.filter(|d| !d.as_os_str().is_empty()),
+            log_dir: log_dir(raw.log_dir),
             http_timeout: ranges.http_timeout,
             mqtt: MqttSettings {
                 client_id,
@@ -475,6 +486,11 @@ fn port(name: &str, value: u16) -> Result<u16, ConfigError> {
         });
     }
     Ok(value)
+}
+
+/// An empty `LOG_DIR` means no files, as an unset one.
+fn log_dir(value: Option<PathBuf>) -> Option<PathBuf> {
+    value.filter(|d| !d.as_os_str().is_empty())
 }
 
 fn db_tls(raw: &Raw) -> Result<DbTls, ConfigError> {

@@ -41,32 +41,12 @@ fn run_command(command: Command) -> ExitCode {
 }
 
 /// The service, as the Python one ran: configuration, logging, then the gateway until a stop
-/// signal.
+/// signal. Every way it cannot start ends in [`fatal`].
 fn run_service() -> ExitCode {
-    let format = match logging::Format::from_env() {
-        Ok(format) => format,
-        Err(error) => {
-            let _ = logging::init(None, logging::Format::Text);
-            tracing::error!("Fatal error during startup: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let settings = match Settings::from_env() {
+    let settings = match configure() {
         Ok(settings) => settings,
-        Err(error) => {
-            // Logging is not configured yet; LOG_DIR is still honoured if it is readable.
-            let log_dir: Option<std::path::PathBuf> =
-                std::env::var_os("LOG_DIR").filter(|d| !d.is_empty()).map(Into::into);
-            let _ = logging::init(log_dir.as_deref(), format);
-            tracing::error!("Fatal error during startup: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(error) => return fatal(error),
     };
-    if let Err(error) = logging::init(settings.log_dir.as_deref(), format) {
-        let _ = logging::init(None, logging::Format::Text);
-        tracing::error!("Fatal error during startup: cannot create LOG_DIR: {error}");
-        return ExitCode::FAILURE;
-    }
     // One thread runs the gateway. With a work-stealing runtime on two cores, every HTTP
     // response and database reply woke the second worker to look for work: measured by
     // `cargo xtask bench`, one thread spends about a sixth less CPU per POST and a tenth less
@@ -75,10 +55,7 @@ fn run_service() -> ExitCode {
     // keepalive and the watchdog's interval.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::error!("Fatal error during startup: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(error) => return fatal(format!("cannot start the runtime: {error}")),
     };
     let gateway = std::thread::Builder::new()
         .name("gateway".to_owned())
@@ -87,10 +64,7 @@ fn run_service() -> ExitCode {
     match gateway.map(std::thread::JoinHandle::join) {
         Ok(Ok(code)) => code,
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        Err(error) => {
-            tracing::error!("Fatal error during startup: cannot start the gateway thread: {error}");
-            ExitCode::FAILURE
-        }
+        Err(error) => fatal(format!("cannot start the gateway thread: {error}")),
     }
 }
 
@@ -100,15 +74,36 @@ async fn serve(settings: Settings) -> ExitCode {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     match app::run(settings, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(RunError::Startup(error)) => {
-            tracing::error!("Fatal error during startup: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(RunError::Startup(error)) => fatal(format!("{error:#}")),
         Err(RunError::Runtime(error)) => {
             tracing::error!("Gateway failed: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reads the configuration and installs logging as it says. When that fails, logging is
+/// installed as far as the configuration allows (the original's text lines on stderr, and
+/// `LOG_DIR`'s files if only the rest was refused), so the error can be logged.
+fn configure() -> Result<Settings, String> {
+    let format = logging::Format::from_env().inspect_err(|_| {
+        let _ = logging::init(None, logging::Format::Text);
+    })?;
+    let settings = Settings::from_env().map_err(|error| {
+        let _ = logging::init(Settings::log_dir_from_env().as_deref(), format);
+        error.to_string()
+    })?;
+    logging::init(settings.log_dir.as_deref(), format).map_err(|error| {
+        let _ = logging::init(None, logging::Format::Text);
+        format!("cannot create LOG_DIR: {error}")
+    })?;
+    Ok(settings)
+}
+
+/// The original's last word when the service cannot start, and its exit status.
+fn fatal(error: impl std::fmt::Display) -> ExitCode {
+    tracing::error!("Fatal error during startup: {error}");
+    ExitCode::FAILURE
 }
 
 /// The first SIGTERM or SIGINT starts an orderly shutdown; a second one ends the process at

@@ -20,6 +20,17 @@ const READ_ELSEWHERE: [(&str, &str); 2] = [
     ("LOG_FORMAT", "logging::Format::from_env; the module sets the constant \"journald\""),
 ];
 
+/// Variables the binary takes only together with others, which the module's assertions
+/// require of a configuration (a lone one is refused at start, naming it).
+const COMPANIONS: [(&str, &[(&str, &str)]); 2] = [
+    ("DB_SSL_CA", &[("DB_SSL_MODE", "verify_ca")]),
+    ("DB_SSL_CERT", &[("DB_SSL_KEY", "/run/credentials/mqtt-gateway.service/db-client-key")]),
+];
+
+/// Variables naming a file the binary reads at start (not only at connection time): the
+/// samples' paths do not exist here, and the refusal must be for that alone.
+const READ_AT_START: [&str; 1] = ["HTTP_CA_FILE"];
+
 /// `name = value;` statements of the module's `environment` attribute set, values joined onto
 /// one line.
 fn environment() -> BTreeMap<String, String> {
@@ -34,11 +45,14 @@ fn environment() -> BTreeMap<String, String> {
             continue;
         }
         let (name, mut value) = match current.take() {
+            Some((name, value)) if value.is_empty() => (name, line.to_owned()),
             Some((name, value)) => (name, value + " " + line),
-            None => {
-                let Some((name, value)) = line.split_once(" = ") else { continue };
-                (name.to_owned(), value.to_owned())
-            }
+            // `NAME =` alone on its line: nixfmt put the value on the next.
+            None => match (line.split_once(" = "), line.strip_suffix(" =")) {
+                (Some((name, value)), _) => (name.to_owned(), value.to_owned()),
+                (None, Some(name)) => (name.to_owned(), String::new()),
+                (None, None) => continue,
+            },
         };
         if value.ends_with(';') {
             value.pop();
@@ -229,8 +243,15 @@ fn every_value_an_option_type_admits_is_accepted_by_the_binary() {
                 let mut vars = base();
                 vars.retain(|(k, _)| *k != var);
                 vars.push((var.clone(), rendered.clone()));
-                if let Err(error) = Settings::from_vars(vars) {
-                    panic!("services.mqtt-gateway.{option} ({ty}) admits {value:?}, rendered {var}={rendered:?}, which the gateway refuses: {error}");
+                for (_, companions) in COMPANIONS.iter().filter(|(name, _)| *name == var) {
+                    vars.extend(companions.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+                }
+                match Settings::from_vars(vars) {
+                    Err(error)
+                        if READ_AT_START.contains(&var.as_str())
+                            && error.to_string().starts_with(&format!("invalid environment variable {var}: cannot read {rendered}:")) => {}
+                    Ok(_) => {}
+                    Err(error) => panic!("services.mqtt-gateway.{option} ({ty}) admits {value:?}, rendered {var}={rendered:?}, which the gateway refuses: {error}"),
                 }
                 checked += 1;
             }
@@ -264,9 +285,40 @@ fn the_parsers_of_this_test_see_what_the_module_says() {
         [("mqtt.keepalive".to_owned(), "toString cfg.mqtt.keepalive".to_owned())]
     );
     assert_eq!(sources(&env["DB_PORT"])[0].0, "database.port");
+    assert_eq!(
+        sources(&env["MQTT_CLIENT_CERT"])[0].0,
+        "mqtt.tls.clientCertFile",
+        "a value on the line after its name is read"
+    );
     assert!(
         sources(&env["MQTT_CLIENT_KEY"]).is_empty(),
         "the key's path is a constant; the option only chooses"
     );
     assert!(!matches_class_plus("[^/+#]+", "a/b") && matches_class_plus("[^/+#]+", "gateways"));
+    // The options added for settings that once had none.
+    assert_eq!(sources(&env["OUTBOX_LEASE_SECONDS"])[0].0, "outbox.lease");
+    assert_eq!(sources(&env["HTTP_CA_FILE"])[0].0, "http.caFile");
+    assert_eq!(sources(&env["DB_SSL_MODE"])[0].0, "database.tls.mode");
+    assert_eq!(sources(&env["DB_SSL_CA"])[0].0, "database.tls.caFile");
+    assert_eq!(sources(&env["DB_SSL_CERT"])[0].0, "database.tls.clientCertFile");
+    assert!(sources(&env["DB_SSL_KEY"]).is_empty(), "the key's path is a constant (a credential)");
+    assert_eq!(samples(&types["database.tls.mode"]).len(), 5, "{}", types["database.tls.mode"]);
+    assert_eq!(types["database.tls.clientKeyFile"], "types.nullOr secretPath");
+}
+
+#[test]
+fn secrets_of_the_module_are_credentials_never_variables() {
+    // A key's variable points into the credentials directory; the option names the file that
+    // systemd reads into it.
+    let env = environment();
+    for (var, credential, option) in [
+        ("MQTT_CLIENT_KEY", "mqtt-client-key", "cfg.mqtt.tls.clientKeyFile"),
+        ("DB_SSL_KEY", "db-client-key", "cfg.database.tls.clientKeyFile"),
+    ] {
+        assert!(env[var].contains(&format!("\"%d/{credential}\"")), "{var} = {}", env[var]);
+        assert!(
+            MODULE.contains(&format!("credential \"{credential}\" {option}")),
+            "{option} is not passed with LoadCredential as {credential}"
+        );
+    }
 }

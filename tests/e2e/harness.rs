@@ -2,12 +2,13 @@
 //! environment, and helpers to add flows, publish and poll the database.
 
 use mqtt_gateway::db;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::MySqlPool;
 use sqlx::Row;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
-use testkit::{EchoServer, Gateway, MariaDb, Mosquitto, Publisher};
+pub use testkit::poll_until;
+use testkit::{EchoServer, Gateway, GatewayDb, Login, MariaDb, Mosquitto, Publisher};
 
 /// Has the characters that broke the original's connection URL.
 pub const DB_PASSWORD: &str = "p@ss/w:rd#?%&'1";
@@ -56,30 +57,14 @@ impl TestEnv {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let shared = shared();
         let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        server.create_database(&name, DB_USER, DB_PASSWORD).expect("create the test database");
-        let options = MySqlConnectOptions::new()
-            .host("127.0.0.1")
-            .port(server.port)
-            .username(DB_USER)
-            .password(DB_PASSWORD)
-            .database(&name);
-        let pool = MySqlPoolOptions::new().max_connections(3).connect_with(options).await.expect("connect");
-        let vars = [
-            ("DB_HOST", "127.0.0.1".to_owned()),
-            ("DB_PORT", server.port.to_string()),
-            ("DB_NAME", name.clone()),
-            ("DB_USER", DB_USER.to_owned()),
-            ("DB_PASSWORD", DB_PASSWORD.to_owned()),
-            ("MQTT_DEFAULT_HOST", "127.0.0.1".to_owned()),
-            ("MQTT_DEFAULT_PORT", shared.broker.port.to_string()),
+        let login = Login { database: &name, user: DB_USER, password: DB_PASSWORD };
+        let db =
+            GatewayDb::create(server, login, shared.broker.port).await.expect("create the test database");
+        let vars = db.env_with(&[
             ("MQTT_CLIENT_ID", format!("gw-{name}")),
             ("FLOWS_RELOAD_INTERVAL_SECONDS", "3600".to_owned()),
-            ("RUST_LOG", "info".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        TestEnv { name, vars, pool, on_shared_server }
+        ]);
+        TestEnv { name, vars, pool: db.pool, on_shared_server }
     }
 
     /// A database with the gateway's tables, as its migrations create them.
@@ -90,8 +75,7 @@ impl TestEnv {
     }
 
     pub fn set(&mut self, name: &str, value: impl Into<String>) {
-        self.vars.retain(|(k, _)| k != name);
-        self.vars.push((name.to_owned(), value.into()));
+        testkit::set_var(&mut self.vars, name, value.into());
     }
 
     pub fn unset(&mut self, name: &str) {
@@ -117,6 +101,13 @@ impl TestEnv {
     pub async fn start(&self) -> Gateway {
         let gateway = self.spawn();
         wait_log(&gateway, "Gateway ready").await;
+        gateway
+    }
+
+    /// Starts the gateway and expects it to refuse to start: exit status 1, `line` logged.
+    pub async fn assert_start_fails(&self, line: &str) -> Gateway {
+        let mut gateway = self.spawn();
+        assert_exits_1_logging(&mut gateway, line).await;
         gateway
     }
 
@@ -195,28 +186,28 @@ impl TestEnv {
 
     /// Waits until `n` distinct messages (attribute `i`) of a flow are stored.
     pub async fn wait_distinct(&self, code: &str, n: i64, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
+        poll_until(&format!("{n} distinct messages of {code} stored"), limit, || async move {
             let (distinct, _) = self.distinct_i(code).await;
             if distinct >= n {
-                return;
+                Ok(())
+            } else {
+                Err(format!("{code}: {distinct} of {n} messages stored"))
             }
-            assert!(tokio::time::Instant::now() < deadline, "{code}: {distinct} of {n} messages stored");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until the flow's counter reaches `n`, and fails the test otherwise.
     pub async fn wait_counter(&self, code: &str, n: i32) {
-        let mut last = 0;
-        for _ in 0..(WAIT.as_millis() / 25) {
-            last = self.counter(code).await;
+        poll_until(&format!("the counter of {code} to reach {n}"), WAIT, || async move {
+            let last = self.counter(code).await;
             if last >= n {
-                return;
+                Ok(())
+            } else {
+                Err(format!("counter of {code} is {last}, expected {n}"))
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("counter of {code} is {last}, expected {n}");
+        })
+        .await
     }
 }
 
@@ -239,24 +230,25 @@ pub fn run_cli(vars: &[(String, String)], args: &[&str]) -> (i32, String, String
 }
 
 /// Polls `check` until it holds; panics with `what` after [`WAIT`].
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..(WAIT.as_millis() / 20) {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
+pub async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_within(WAIT, what, check).await
+}
+
+/// [`eventually`] with a bound of its own.
+pub async fn eventually_within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    poll_until(what, limit, || std::future::ready(if check() { Ok(()) } else { Err("not yet".to_owned()) }))
+        .await
 }
 
 pub async fn wait_log(gateway: &Gateway, needle: &str) {
-    for _ in 0..(WAIT.as_millis() / 20) {
+    poll_until(&format!("a log line with {needle:?}"), WAIT, || async move {
         if gateway.count(needle) > 0 {
-            return;
+            Ok(())
+        } else {
+            Err(format!("the gateway logged:\n{}", gateway.logs()))
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no log line with {needle:?}; the gateway logged:\n{}", gateway.logs());
+    })
+    .await
 }
 
 /// Publishes each payload with QoS 1 to the shared broker and waits for the broker's acks.
@@ -289,11 +281,15 @@ pub async fn publish_numbered(
 
 /// Waits for the gateway to exit and returns its status code.
 pub async fn exit_code(gateway: &mut Gateway) -> i32 {
-    for _ in 0..(WAIT.as_millis() / 20) {
-        if let Some(status) = gateway.wait_exit(Duration::ZERO) {
-            return status.code().unwrap_or(-1);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the gateway did not exit; it logged:\n{}", gateway.logs());
+    poll_until("the gateway to exit", WAIT, || {
+        let exited = gateway.wait_exit(Duration::ZERO).map(|status| status.code().unwrap_or(-1));
+        std::future::ready(exited.ok_or_else(|| format!("it is running; it logged:\n{}", gateway.logs())))
+    })
+    .await
+}
+
+/// The gateway stops with the original's fatal exit status, 1, and a log line containing `line`.
+pub async fn assert_exits_1_logging(gateway: &mut Gateway, line: &str) {
+    assert_eq!(exit_code(gateway).await, 1, "{}", gateway.logs());
+    assert!(gateway.logs().contains(line), "no log line with {line:?}:\n{}", gateway.logs());
 }

@@ -36,15 +36,15 @@ async fn readyz(port: u16) -> (u16, String) {
 
 /// Polls `/readyz` until its status is `status`, and returns its body.
 async fn wait_ready_status(port: u16, status: u16) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    poll_until(&format!("/readyz to answer {status}"), WAIT, || async move {
         let (got, body) = readyz(port).await;
         if got == status {
-            return body;
+            Ok(body)
+        } else {
+            Err(format!("/readyz stayed {got} {body:?}, expected {status}"))
         }
-        assert!(tokio::time::Instant::now() < deadline, "/readyz stayed {got} {body:?}, expected {status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// Everything published is stored exactly once, the counter is exact, nothing failed.
@@ -61,8 +61,7 @@ async fn assert_all_stored(env: &TestEnv, gateway: &testkit::Gateway, count: i64
 /// count as "not yet": a MariaDB that hit a full disk may wait up to a minute after space is
 /// freed before it goes on ("Waiting for someone to free space...").
 async fn wait_stored(env: &TestEnv, count: i64, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
+    poll_until(&format!("{count} messages of S stored"), limit, || async move {
         let query = sqlx::query_scalar::<_, i64>(
             "SELECT COUNT(DISTINCT attribute_value) FROM data WHERE flow_code = 'S' AND attribute_name = 'i'",
         )
@@ -71,11 +70,12 @@ async fn wait_stored(env: &TestEnv, count: i64, limit: Duration) {
         // own pool without a usable connection. The pool's acquire timeout bounds it.
         let stored = query.await.unwrap_or(-1);
         if stored >= count {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{stored} of {count} messages stored"))
         }
-        assert!(tokio::time::Instant::now() < deadline, "{stored} of {count} messages stored");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// One ERROR line when holding starts, not one per retry.

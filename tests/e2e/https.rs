@@ -68,11 +68,5 @@ async fn an_http_ca_file_without_a_certificate_is_fatal_and_named() {
     std::fs::write(&empty, "not a certificate\n").unwrap();
     let mut env = TestEnv::empty().await;
     env.set("HTTP_CA_FILE", empty.to_str().unwrap());
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(
-        gateway.logs().contains("Fatal error during startup: invalid environment variable HTTP_CA_FILE: "),
-        "{}",
-        gateway.logs()
-    );
+    env.assert_start_fails("Fatal error during startup: invalid environment variable HTTP_CA_FILE: ").await;
 }

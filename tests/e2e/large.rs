@@ -152,12 +152,8 @@ async fn a_task_that_dies_stops_the_gateway_with_an_error() {
     env.add_flow("F", &topic, "STORE_DB", "{}", None).await;
     let mut gateway = env.start().await;
     publish(&topic, &[br#"{"v": 1}"#]).await;
-    assert_eq!(exit_code(&mut gateway).await, 1, "{}", gateway.logs());
-    assert!(
-        gateway.logs().contains("| ERROR | mqtt_gateway | the processor panicked: fault injected"),
-        "{}",
-        gateway.logs()
-    );
+    assert_exits_1_logging(&mut gateway, "| ERROR | mqtt_gateway | the processor panicked: fault injected")
+        .await;
     assert_eq!(env.counter("F").await, 0);
 }
 

@@ -87,7 +87,5 @@ async fn metrics_health_and_readiness_tell_the_truth() {
 async fn a_bad_metrics_address_is_fatal_and_named() {
     let mut env = TestEnv::empty().await;
     env.set("METRICS_ADDR", "everywhere");
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(gateway.logs().contains("invalid environment variable METRICS_ADDR"), "{}", gateway.logs());
+    env.assert_start_fails("invalid environment variable METRICS_ADDR").await;
 }

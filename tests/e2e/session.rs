@@ -136,15 +136,6 @@ async fn a_client_id_taken_over_again_and_again_slows_reconnects_down_and_recove
     drop(gateway);
 }
 
-/// Polls `check` (asynchronously, so services on this runtime go on) until it holds.
-async fn eventually_within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn pings_go_on_while_reading_is_paused_for_longer_than_the_keepalive() {
     let broker =

@@ -13,26 +13,14 @@ use sqlx::Row;
 async fn a_missing_variable_is_fatal_and_named(#[case] variable: &str, #[case] message: &str) {
     let mut env = TestEnv::empty().await;
     env.unset(variable);
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(
-        gateway.logs().contains(&format!("| ERROR | mqtt_gateway | Fatal error during startup: {message}")),
-        "{}",
-        gateway.logs()
-    );
+    env.assert_start_fails(&format!("| ERROR | mqtt_gateway | Fatal error during startup: {message}")).await;
 }
 
 #[tokio::test]
 async fn a_malformed_variable_is_fatal_and_named() {
     let mut env = TestEnv::empty().await;
     env.set("MQTT_KEEPALIVE", "soon");
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(
-        gateway.logs().contains("Fatal error during startup: invalid environment variable MQTT_KEEPALIVE"),
-        "{}",
-        gateway.logs()
-    );
+    env.assert_start_fails("Fatal error during startup: invalid environment variable MQTT_KEEPALIVE").await;
 }
 
 #[tokio::test]
@@ -154,13 +142,10 @@ async fn a_database_created_by_the_python_service_is_adopted_unchanged() {
 async fn no_enabled_broker_is_fatal() {
     let env = TestEnv::new().await;
     env.exec("INSERT INTO mqtt_servers (host, port, username, password, enabled, is_default) VALUES ('127.0.0.1', 1883, NULL, NULL, FALSE, TRUE)").await;
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(
-        gateway.logs().contains("| ERROR | mqtt_gateway | Fatal error during startup: No enabled MQTT server found in mqtt_servers"),
-        "{}",
-        gateway.logs()
-    );
+    env.assert_start_fails(
+        "| ERROR | mqtt_gateway | Fatal error during startup: No enabled MQTT server found in mqtt_servers",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -184,13 +169,7 @@ async fn the_broker_is_the_first_enabled_row_defaults_first() {
 async fn an_unreachable_broker_is_fatal() {
     let mut env = TestEnv::empty().await;
     env.set("MQTT_DEFAULT_PORT", testkit::free_port().to_string());
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(
-        gateway.logs().contains("Fatal error during startup: cannot connect to MQTT broker"),
-        "{}",
-        gateway.logs()
-    );
+    env.assert_start_fails("Fatal error during startup: cannot connect to MQTT broker").await;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -231,9 +210,7 @@ async fn a_wrong_password_is_fatal_and_never_logged() {
     let mut env = TestEnv::empty().await;
     let wrong = "wr0ng-S3cret@value";
     env.set("DB_PASSWORD", wrong);
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
+    let gateway = env.assert_start_fails("Fatal error during startup: cannot connect to database").await;
     let logs = gateway.logs();
-    assert!(logs.contains("Fatal error during startup: cannot connect to database"), "{logs}");
     assert!(!logs.contains(wrong) && !logs.contains("S3cret"), "{logs}");
 }

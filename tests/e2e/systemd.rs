@@ -134,9 +134,7 @@ async fn json_logs_carry_the_structured_fields() {
 async fn a_bad_log_format_is_fatal_and_named() {
     let mut env = TestEnv::empty().await;
     env.set("LOG_FORMAT", "xml");
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(gateway.logs().contains("Fatal error during startup: invalid environment variable LOG_FORMAT"));
+    env.assert_start_fails("Fatal error during startup: invalid environment variable LOG_FORMAT").await;
 }
 
 #[tokio::test]

@@ -6,8 +6,27 @@ use crate::harness::*;
 use std::path::Path;
 use testkit::Mosquitto;
 
-/// A broker with a TLS listener using a server certificate for `names`.
-fn tls_broker(dir: &Path, ca: &Ca, names: &[&str], expired: bool, require_client_cert: bool) -> Mosquitto {
+/// What the broker's TLS listener presents and asks for.
+#[derive(Clone, Copy)]
+struct Listener<'a> {
+    /// The names the server certificate is valid for.
+    names: &'a [&'a str],
+    /// The server certificate expired long ago.
+    expired: bool,
+    /// Clients must present a certificate signed by the CA.
+    require_client_cert: bool,
+}
+
+impl<'a> Listener<'a> {
+    /// A valid certificate for `names`, no client certificate asked for.
+    fn valid_for(names: &'a [&'a str]) -> Listener<'a> {
+        Listener { names, expired: false, require_client_cert: false }
+    }
+}
+
+/// A broker with a TLS listener using a server certificate signed by `ca`.
+fn tls_broker(dir: &Path, ca: &Ca, listener: Listener) -> Mosquitto {
+    let Listener { names, expired, require_client_cert } = listener;
     let (cert, key) = ca.issue(dir, "server", names, expired);
     let ca_file = ca.write(dir, "broker-ca.pem");
     Mosquitto::start_with(&format!(
@@ -31,7 +50,7 @@ async fn tls_env(broker: &Mosquitto, ca_file: &Path) -> TestEnv {
 async fn a_verified_tls_connection_carries_messages() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
-    let broker = tls_broker(dir.path(), &ca, &["127.0.0.1", "localhost"], false, false);
+    let broker = tls_broker(dir.path(), &ca, Listener::valid_for(&["127.0.0.1", "localhost"]));
     let env = tls_env(&broker, &ca.write(dir.path(), "ca.pem")).await;
     let topic = env.topic("t");
     env.add_flow("F", &topic, "STORE_DB", "{}", None).await;
@@ -96,15 +115,14 @@ async fn over_a_slow_link_tls_reconnects_after_a_broker_restart() {
     let payloads: Vec<Vec<u8>> = (1..=50).map(|i| format!(r#"{{"i": {i}}}"#).into_bytes()).collect();
     publish_tls_many(broker.port, &ca, &topic, &payloads).await;
     // Polled asynchronously: the proxy runs on this test's runtime.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while gateway.count("Reconnected to MQTT broker") == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no TLS reconnect over the slow link:\n{}",
-            gateway.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let logged = &gateway;
+    poll_until("a TLS reconnect over the slow link", std::time::Duration::from_secs(30), || async move {
+        match logged.count("Reconnected to MQTT broker") {
+            0 => Err(format!("the gateway logged:\n{}", logged.logs())),
+            _ => Ok(()),
+        }
+    })
+    .await;
     env.wait_distinct("F", 50, std::time::Duration::from_secs(30)).await;
     drop(proxy);
 }
@@ -112,41 +130,40 @@ async fn over_a_slow_link_tls_reconnects_after_a_broker_restart() {
 #[tokio::test]
 async fn an_unknown_certificate_authority_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = tls_broker(dir.path(), &Ca::new("broker CA"), &["127.0.0.1"], false, false);
+    let broker = tls_broker(dir.path(), &Ca::new("broker CA"), Listener::valid_for(&["127.0.0.1"]));
     let other = Ca::new("some other CA");
     let env = tls_env(&broker, &other.write(dir.path(), "other.pem")).await;
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(gateway.logs().contains("not signed by a CA in MQTT_CA_FILE"), "{}", gateway.logs());
+    env.assert_start_fails("not signed by a CA in MQTT_CA_FILE").await;
 }
 
 #[tokio::test]
 async fn a_certificate_for_another_name_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
-    let broker = tls_broker(dir.path(), &ca, &["broker.example"], false, false);
+    let broker = tls_broker(dir.path(), &ca, Listener::valid_for(&["broker.example"]));
     let env = tls_env(&broker, &ca.write(dir.path(), "ca.pem")).await;
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(gateway.logs().contains("not valid for the host name"), "{}", gateway.logs());
+    env.assert_start_fails("not valid for the host name").await;
 }
 
 #[tokio::test]
 async fn an_expired_certificate_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
-    let broker = tls_broker(dir.path(), &ca, &["127.0.0.1"], true, false);
+    let broker =
+        tls_broker(dir.path(), &ca, Listener { expired: true, ..Listener::valid_for(&["127.0.0.1"]) });
     let env = tls_env(&broker, &ca.write(dir.path(), "ca.pem")).await;
-    let mut gateway = env.spawn();
-    assert_eq!(exit_code(&mut gateway).await, 1);
-    assert!(gateway.logs().contains("has expired"), "{}", gateway.logs());
+    env.assert_start_fails("has expired").await;
 }
 
 #[tokio::test]
 async fn mutual_tls_uses_the_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
-    let broker = tls_broker(dir.path(), &ca, &["127.0.0.1"], false, true);
+    let broker = tls_broker(
+        dir.path(),
+        &ca,
+        Listener { require_client_cert: true, ..Listener::valid_for(&["127.0.0.1"]) },
+    );
     let (cert, key) = ca.issue(dir.path(), "client", &["gateway"], false);
 
     let without = tls_env(&broker, &ca.write(dir.path(), "ca.pem")).await;

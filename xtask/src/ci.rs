@@ -1,32 +1,6 @@
 //! `cargo xtask ci`, `cargo xtask e2e` and `cargo xtask bench`.
 
-use crate::services;
-use anyhow::{bail, Context};
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Instant;
-
-/// The workspace root, whatever directory cargo was called from.
-pub fn root() -> PathBuf {
-    let xtask_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    xtask_dir.parent().expect("xtask lives in the workspace root").to_owned()
-}
-
-/// Runs `cargo <args>` in the workspace root and fails with the step's name.
-pub fn cargo(step: &str, args: &[&str]) -> anyhow::Result<()> {
-    let started = Instant::now();
-    eprintln!("==> {step}: cargo {}", args.join(" "));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .current_dir(root())
-        .status()
-        .with_context(|| format!("cannot run cargo for {step}"))?;
-    if !status.success() {
-        bail!("{step} failed ({status})");
-    }
-    eprintln!("==> {step}: ok in {:.1}s", started.elapsed().as_secs_f64());
-    Ok(())
-}
+use crate::{cargo, packages};
 
 pub fn ci() -> anyhow::Result<()> {
     cargo("format", &["fmt", "--all", "--", "--check"])?;
@@ -34,15 +8,16 @@ pub fn ci() -> anyhow::Result<()> {
     crate::nix::check()?;
     cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
     cargo(
-        "NixOS option types against config.rs, the Debian unit against the module's",
-        &["test", "--test", "nixos_options", "--test", "debian_unit"],
+        "NixOS option types against config.rs, settings across config.rs, README and module, \
+         the Debian unit against the module's",
+        &["test", "--test", "nixos_options", "--test", "settings_tidy", "--test", "debian_unit"],
     )?;
     e2e()?;
     crate::cluster::cluster()
 }
 
 pub fn e2e() -> anyhow::Result<()> {
-    services::require_installed()?;
+    packages::require("e2e")?;
     cargo("end-to-end tests", &["test", "--test", "e2e"])?;
     demo(&["--check"])
 }
@@ -57,6 +32,6 @@ pub fn demo(args: &[&str]) -> anyhow::Result<()> {
 }
 
 pub fn bench() -> anyhow::Result<()> {
-    services::require_installed()?;
+    packages::require("e2e")?;
     cargo("benchmark", &["bench", "--bench", "throughput"])
 }

@@ -2,11 +2,10 @@
 //! (`tests/cluster`), apart from the rest of the end-to-end suite so that its three database
 //! servers have the machine to themselves.
 
-use crate::ci::cargo;
-use crate::services;
+use crate::{cargo, packages};
 
 pub fn cluster() -> anyhow::Result<()> {
-    services::require_installed()?;
-    services::require_galera()?;
+    packages::require("e2e")?;
+    packages::require("cluster")?;
     cargo("Galera cluster scenario", &["test", "--test", "cluster"])
 }

@@ -8,17 +8,25 @@
 //! - `nix-check`: parse, format and dead-code checks of the Nix files, and the flake lock.
 //! - `systemd-e2e`: the module's rendered unit and the Debian unit under a real systemd 257 in a
 //!   systemd-nspawn container (root only).
+//! - `packages`: what `xtask/required-packages.txt` lists and this machine lacks, for `.ci/run`
+//!   and the GitHub workflow to install.
 //!
-//! Each task runs cargo commands and stops at the first failure with a readable message.
+//! Each task runs commands through [`cargo`] or [`run`] and stops at the first failure with a
+//! readable message. The task modules use this file's helpers and never each other's, except
+//! that `ci` runs the others.
 
 mod ci;
 mod cluster;
 mod nix;
 mod nspawn;
-mod services;
+mod packages;
 mod systemd_e2e;
+mod which;
 
-use std::process::ExitCode;
+use anyhow::{bail, Context};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
@@ -41,6 +49,9 @@ tasks:
              run the release binary under nixos/rendered/gateway.service and the Debian unit,
              check readiness, reload, watchdog, journal fields, credentials, restarts, security
              (--prepare: only make the container root, once per machine)
+  packages apt|cargo [TASK...]
+             print the packages of that kind that the tasks (all when none; `ci` for the tasks
+             `ci` runs) need and this machine lacks, from xtask/required-packages.txt
 ";
 
 fn main() -> ExitCode {
@@ -54,6 +65,10 @@ fn main() -> ExitCode {
         Some("systemd-e2e") => {
             let rest: Vec<String> = std::env::args().skip(2).collect();
             systemd_e2e::systemd_e2e(&rest)
+        }
+        Some("packages") => {
+            let rest: Vec<String> = std::env::args().skip(2).collect();
+            packages::print_missing(&rest)
         }
         Some("demo") => {
             let rest: Vec<String> = std::env::args().skip(2).collect();
@@ -72,4 +87,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The workspace root, whatever directory cargo was called from.
+pub fn root() -> PathBuf {
+    let xtask_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    xtask_dir.parent().expect("xtask lives in the workspace root").to_owned()
+}
+
+/// Runs `cargo <args>` in the workspace root, timing it, and fails with the step's name.
+pub fn cargo(step: &str, args: &[&str]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    eprintln!("==> {step}: cargo {}", args.join(" "));
+    run(step, Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))?;
+    eprintln!("==> {step}: ok in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs one step's command in the workspace root and fails with the step's name.
+pub fn run(step: &str, command: &mut Command) -> anyhow::Result<()> {
+    let status = command.current_dir(root()).status().with_context(|| format!("cannot run {step}"))?;
+    if !status.success() {
+        bail!("{step} failed ({status})");
+    }
+    Ok(())
 }

@@ -12,6 +12,7 @@
 //! (`--register=no --keep-unit`: there is no D-Bus on such a host). It has a private network:
 //! loopback only, so the host's own MariaDB and Mosquitto ports do not collide.
 
+use crate::run;
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -28,14 +29,6 @@ const PACKAGES: &[&str] =
 const CACHE: &str = "/var/cache/mqtt-gateway/systemd-e2e";
 const PATH_INSIDE: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-fn run(what: &str, command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("cannot run {what}"))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
-}
-
 /// FNV-1a, enough to name a cache directory after its recipe.
 fn key() -> String {
     let recipe = format!("{SUITE} {RECIPE} {BASE:?} {PACKAGES:?}");
@@ -43,15 +36,6 @@ fn key() -> String {
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     format!("{SUITE}-{hash:016x}")
-}
-
-fn require(program: &str, package: &str) -> anyhow::Result<()> {
-    let found =
-        Command::new("sh").args(["-c", &format!("command -v {program}")]).stdout(Stdio::null()).status()?;
-    if !found.success() {
-        bail!("`{program}` is missing: apt-get install -y {package} (.ci/run installs it)");
-    }
-    Ok(())
 }
 
 /// The Debian mirror apt uses on this host.
@@ -78,8 +62,7 @@ pub fn prepared_root() -> anyhow::Result<PathBuf> {
     if root.join(".prepared").exists() {
         return Ok(root);
     }
-    require("debootstrap", "debootstrap")?;
-    require("systemd-nspawn", "systemd-container")?;
+    crate::packages::require("systemd-e2e")?;
     let started = Instant::now();
     let partial = root.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);

@@ -12,8 +12,8 @@
 //! Needs root, `systemd-container` and `debootstrap` (`.ci/run` installs both). The container
 //! root is made once per machine; a run takes about 2 minutes after the release build.
 
-use crate::ci::{cargo, root};
 use crate::nspawn::{self, Container};
+use crate::{cargo, root};
 use anyhow::{bail, Context};
 use std::path::Path;
 use std::time::{Duration, Instant};

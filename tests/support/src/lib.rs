@@ -1,13 +1,15 @@
 //! Real services for mqtt-gateway's tests, benchmark and demo: a MariaDB server, a Mosquitto
 //! broker, an HTTP echo server (with a TLS front for HTTPS) and a Prometheus server, each on a
 //! free loopback port in its own temporary directory, plus a handle on a running gateway process
-//! and a QoS 1 publisher.
+//! and a QoS 1 publisher. `GatewayDb` is the gateway's own database on such a server with the
+//! environment that points a gateway at it; `poll_until` is the one bounded wait.
 //!
 //! Nothing is mocked. Processes are stopped when their handle drops, and at process exit for
 //! the shared ones; a run that was killed leaves directories that the next run sweeps away,
 //! killing whatever service was still running in them.
 
 mod cleanup;
+mod database;
 mod echo;
 pub mod galera;
 mod gateway;
@@ -18,6 +20,7 @@ mod proxy;
 mod publish;
 mod tls_front;
 
+pub use database::{set_var, GatewayDb, Login, SqlServer};
 pub use echo::{EchoServer, Recorded};
 pub use galera::GaleraCluster;
 pub use gateway::Gateway;
@@ -40,14 +43,10 @@ pub fn free_port() -> u16 {
         .expect("cannot bind an ephemeral port on 127.0.0.1")
 }
 
-/// Finds a program on PATH or in the sbin directories Debian puts servers in.
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
+/// The one PATH search of the project, shared with `cargo xtask` (a dependency-free file).
+#[path = "../../../xtask/src/which.rs"]
+mod which;
+pub use which::find_program;
 
 /// The program, or an error that says how to install it.
 pub fn require_program(name: &str, debian_package: &str) -> anyhow::Result<PathBuf> {
@@ -70,6 +69,27 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `probe` every 20 ms until it returns `Ok`, and returns that. After `limit` it panics
+/// naming what was awaited and what the last probe saw (its `Err`). Asynchronous, so services
+/// running on the caller's runtime (a proxy, a publisher) go on meanwhile.
+pub async fn poll_until<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let last = match probe().await {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
