@@ -144,7 +144,7 @@ async fn run_with_pool(
     )
     .context("cannot set up the HTTP client")
     .map_err(startup)?;
-    match outbox.depth().await {
+    match crate::outbox::queue::depth(&pool).await {
         Ok((0, 0)) => {}
         Ok((pending, dead)) => {
             tracing::info!("Outbox holds {pending} pending and {dead} dead requests")

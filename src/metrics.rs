@@ -225,12 +225,7 @@ async fn refresh_outbox_depth(pool: MySqlPool, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        let depth = sqlx::query_as::<_, (i64, i64)>(
-            "SELECT CAST(COALESCE(SUM(NOT dead), 0) AS SIGNED), CAST(COALESCE(SUM(dead), 0) AS SIGNED) FROM gateway_outbox",
-        )
-        .fetch_one(&pool)
-        .await;
-        if let Ok((pending, dead)) = depth {
+        if let Ok((pending, dead)) = crate::outbox::queue::depth(&pool).await {
             metrics::gauge!("mqtt_gateway_outbox_pending").set(pending as f64);
             metrics::gauge!("mqtt_gateway_outbox_dead").set(dead as f64);
         }

@@ -1,0 +1,187 @@
+//! The one place that reads and writes `gateway_outbox` (the queued POST_ENDPOINT requests)
+//! and `gateway_outbox_leases` (which instance delivers which flow). The scheduler, the
+//! commit, the metrics and the CLI all go through here.
+//!
+//! Every change a deliverer makes to a request is fenced on its lease: it joins the flow's
+//! lease row and changes nothing unless this instance still owns it, in the same statement,
+//! so a deliverer that lost its lease cannot undo what the new owner relies on.
+
+use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// One queued request, as a deliverer reads it.
+pub struct Request {
+    pub id: i64,
+    pub flow_code: String,
+    pub url: String,
+    /// Shared with the HTTP client, which sends it without a copy.
+    pub body: bytes::Bytes,
+    pub attempts: u32,
+    pub age: Duration,
+    /// Time until it is due; `None` when due now.
+    pub wait: Option<Duration>,
+}
+
+/// `(pending, dead)` request counts over all flows.
+pub async fn depth(pool: &MySqlPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(NOT dead), 0) AS SIGNED), CAST(COALESCE(SUM(dead), 0) AS SIGNED) FROM gateway_outbox",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// The queue as one instance's deliverers see it: reads, and writes fenced on this instance's
+/// leases.
+pub struct Queue {
+    pool: MySqlPool,
+    /// This instance's name in lease rows: its MQTT client id, stable across restarts, so a
+    /// restarted instance takes its flows back at once.
+    owner: String,
+    lease: Duration,
+}
+
+impl Queue {
+    pub fn new(pool: MySqlPool, owner: String, lease: Duration) -> Queue {
+        Queue { pool, owner, lease }
+    }
+
+    /// Every flow with requests not yet delivered or dead.
+    pub async fn flows_with_requests(&self) -> Result<HashSet<i32>, sqlx::Error> {
+        let flows: Vec<i32> =
+            sqlx::query_scalar("SELECT DISTINCT flow_id FROM gateway_outbox WHERE dead = FALSE")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(flows.into_iter().collect())
+    }
+
+    /// Up to `limit` live requests of a flow from `from_id` on, oldest first.
+    pub async fn fetch(&self, flow: i32, from_id: i64, limit: i64) -> Result<Vec<Request>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, flow_code, endpoint_url, body, attempts, \
+             TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(3)), \
+             TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(3), next_attempt_at) \
+             FROM gateway_outbox WHERE dead = FALSE AND flow_id = ? AND id >= ? ORDER BY id LIMIT ?",
+        )
+        .bind(flow)
+        .bind(from_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let micros = |i: usize| u64::try_from(row.get::<i64, _>(i)).ok().map(Duration::from_micros);
+                Request {
+                    id: row.get(0),
+                    flow_code: row.get(1),
+                    url: row.get(2),
+                    body: row.get::<String, _>(3).into(),
+                    attempts: row.get::<i32, _>(4).max(0) as u32,
+                    age: micros(5).unwrap_or_default(),
+                    wait: micros(6).filter(|w| !w.is_zero()),
+                }
+            })
+            .collect())
+    }
+
+    /// Deletes delivered requests of a flow; false (and nothing deleted that the new owner
+    /// still counts on) when this instance no longer owns the flow's lease.
+    pub async fn delete_delivered(&self, flow: i32, ids: &[i64]) -> Result<bool, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        let mut delete: QueryBuilder<MySql> = QueryBuilder::new(
+            "DELETE o FROM gateway_outbox AS o JOIN gateway_outbox_leases AS l ON l.flow_id = o.flow_id \
+             WHERE l.owner = ",
+        );
+        delete.push_bind(&self.owner).push(" AND o.flow_id = ").push_bind(flow).push(" AND o.id IN (");
+        let mut separated = delete.separated(", ");
+        for id in ids {
+            separated.push_bind(*id);
+        }
+        delete.push(")");
+        let done = delete.build().execute(&self.pool).await?;
+        Ok(done.rows_affected() == ids.len() as u64)
+    }
+
+    /// Records a failed attempt: due again after `delay`, or dead. False when this instance no
+    /// longer owns the flow's lease.
+    pub async fn reschedule(
+        &self,
+        id: i64,
+        attempts: u32,
+        error: &str,
+        dead: bool,
+        delay: Duration,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE gateway_outbox AS o JOIN gateway_outbox_leases AS l ON l.flow_id = o.flow_id \
+             SET o.attempts = ?, o.last_error = ?, o.dead = ?, \
+             o.next_attempt_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND \
+             WHERE l.owner = ? AND o.id = ?",
+        )
+        .bind(attempts as i32)
+        .bind(error)
+        .bind(dead)
+        .bind(delay.as_micros() as i64)
+        .bind(&self.owner)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() != 0)
+    }
+
+    /// Takes the flow's lease if it is free, expired, or already ours; returns until when it
+    /// surely holds, timed from before the request so that it never outlives the row's
+    /// `expires_at`.
+    pub async fn acquire(&self, flow: i32) -> Result<Option<Instant>, sqlx::Error> {
+        let sent = Instant::now();
+        // MariaDB evaluates the assignments left to right, so `owner` in the second one is the
+        // value the first one just set.
+        sqlx::query(
+            "INSERT INTO gateway_outbox_leases (flow_id, owner, expires_at) \
+             VALUES (?, ?, UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND) \
+             ON DUPLICATE KEY UPDATE \
+             owner = IF(expires_at < UTC_TIMESTAMP(3) OR owner = VALUES(owner), VALUES(owner), owner), \
+             expires_at = IF(owner = VALUES(owner), VALUES(expires_at), expires_at)",
+        )
+        .bind(flow)
+        .bind(&self.owner)
+        .bind(self.lease.as_micros() as i64)
+        .execute(&self.pool)
+        .await?;
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT owner FROM gateway_outbox_leases WHERE flow_id = ?")
+                .bind(flow)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok((owner.as_deref() == Some(self.owner.as_str())).then(|| sent + self.lease))
+    }
+
+    /// Extends the lease if this instance still owns it (an expired lease nobody took is still
+    /// ours: nobody else sent anything meanwhile).
+    pub async fn renew(&self, flow: i32) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE gateway_outbox_leases SET expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND \
+             WHERE flow_id = ? AND owner = ?",
+        )
+        .bind(self.lease.as_micros() as i64)
+        .bind(flow)
+        .bind(&self.owner)
+        .execute(&self.pool)
+        .await?;
+        // sqlx asks for found rows, so an unchanged `expires_at` still counts.
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn release(&self, flow: i32) {
+        let _ = sqlx::query("DELETE FROM gateway_outbox_leases WHERE flow_id = ? AND owner = ?")
+            .bind(flow)
+            .bind(&self.owner)
+            .execute(&self.pool)
+            .await;
+    }
+}
