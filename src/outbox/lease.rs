@@ -80,6 +80,12 @@ impl Lease {
         }
     }
 
+    /// Resolves once the lease is known to be lost.
+    pub async fn lost(&self) {
+        let mut held = self.held.subscribe();
+        let _ = held.wait_for(|h| *h == Held::Lost).await;
+    }
+
     /// A fenced write changed nothing: another instance owns the flow now.
     pub fn lost_on_record(&self) {
         tracing::warn!("Outbox lost the lease of flow {} to another instance", self.flow);
