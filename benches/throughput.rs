@@ -9,7 +9,8 @@
 //! HTTP client spends per request, both measured in the same run.
 //!
 //! `BENCH_ONLY=post` or `BENCH_ONLY=store` runs one full-speed scenario alone, long enough to
-//! profile the gateway under it (`perf record -p <gateway pid>`).
+//! profile the gateway under it (`perf record -p <gateway pid>`); `BENCH_ONLY=latency` the two
+//! fixed-rate ones.
 
 use serde_json::json;
 use sqlx::MySqlPool;
@@ -59,6 +60,11 @@ fn main() -> anyhow::Result<()> {
             report(&[run], window)?;
             println!("bare client: {floor:.1} ms CPU per 1,000 requests");
             return Ok(());
+        }
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("latency") {
+            let store = bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000).await?;
+            let post = bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000).await?;
+            return report(&[store, post], window);
         }
         if std::env::var("BENCH_ONLY").as_deref() == Ok("store") {
             let run = bench.full_speed("STORE_DB, 2 attributes", "STORE_DB", 2, messages, &[]).await?;
