@@ -62,9 +62,13 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         if std::env::var("BENCH_ONLY").as_deref() == Ok("latency") {
-            let store = bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000).await?;
-            let post = bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000).await?;
-            return report(&[store, post], window);
+            let store = bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000, None).await?;
+            let post =
+                bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000, None).await?;
+            let beside = bench
+                .fixed_rate("STORE_DB 1,000/s beside 20 MB/s", "STORE_DB", 10_000, Some(20_000_000))
+                .await?;
+            return report(&[store, post, beside], window);
         }
         if std::env::var("BENCH_ONLY").as_deref() == Ok("store") {
             let run = bench.full_speed("STORE_DB, 2 attributes", "STORE_DB", 2, messages, &[]).await?;
@@ -80,8 +84,11 @@ fn main() -> anyhow::Result<()> {
                 .full_speed("POST_ENDPOINT, HTTP_ORDERED=false", "POST_ENDPOINT", 2, messages / 2, &unordered)
                 .await?,
         );
-        runs.push(bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000).await?);
-        runs.push(bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000).await?);
+        runs.push(bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000, None).await?);
+        runs.push(bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000, None).await?);
+        runs.push(
+            bench.fixed_rate("STORE_DB 1,000/s beside 20 MB/s", "STORE_DB", 10_000, Some(20_000_000)).await?,
+        );
         // The endpoint's own ceiling, measured in the same run, so POST_ENDPOINT is judged
         // against what the endpoint could take on this machine now, not against a number.
         let ceilings = [
@@ -267,10 +274,25 @@ impl Bench {
     /// Publishes one message per millisecond and measures each one's time to its commit
     /// (STORE_DB: when the counter passes its id, polled every millisecond) or to its arrival
     /// at the endpoint (POST_ENDPOINT).
-    async fn fixed_rate(&self, name: &str, action: &str, messages: u64) -> anyhow::Result<Run> {
+    ///
+    /// With `beside`, a second flow gets a message of that many bytes every second meanwhile:
+    /// the gateway decodes and renders on one thread, so this shows what a large message does
+    /// to everyone else's latency.
+    async fn fixed_rate(
+        &self,
+        name: &str,
+        action: &str,
+        messages: u64,
+        beside: Option<usize>,
+    ) -> anyhow::Result<Run> {
         let code = name.replace([' ', ',', '/', '.'], "_");
         let (flow, topic, path) = self.flow(&code, action).await?;
+        let large = match beside {
+            Some(bytes) => Some((self.flow(&format!("{code}_large"), "STORE_DB").await?.1, bytes)),
+            None => None,
+        };
         let gateway = self.gateway(&format!("bench-{code}"), &[])?;
+        let large = large.map(|(topic, bytes)| tokio::spawn(publish_large(self.broker.port, topic, bytes)));
         let cpu_before = cpu_seconds(gateway.pid());
         let started = Instant::now();
         let publisher = tokio::spawn(publish(
@@ -298,6 +320,9 @@ impl Bench {
         }
         let seconds = started.elapsed().as_secs_f64();
         let sent_at = publisher.await??;
+        if let Some(large) = large {
+            large.abort();
+        }
         let mut latencies: Vec<f64> = committed_at
             .iter()
             .zip(&sent_at)
@@ -355,7 +380,20 @@ async fn publish(
     Ok(sent_at)
 }
 
-/// User plus system CPU time of a process.
+/// Publishes a message of about `bytes` (a thousand string attributes) every second until
+/// aborted.
+async fn publish_large(port: u16, topic: String, bytes: usize) -> anyhow::Result<()> {
+    let value = "x".repeat(bytes / 1000);
+    let fields: Vec<String> = (0..1000).map(|i| format!(r#""field_{i}": "{value}""#)).collect();
+    let body = format!("{{{}}}", fields.join(", "));
+    let mut publisher = Publisher::connect(port).await?;
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        publisher.publish(&topic, body.clone()).await?;
+    }
+}
+
 /// The child side of [`Bench::bare_client_cpu`]: prints the CPU seconds its requests took.
 fn bare_client(url: &str, requests: u64) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -383,6 +421,7 @@ fn bare_client(url: &str, requests: u64) -> anyhow::Result<()> {
     })
 }
 
+/// User plus system CPU time of a process.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start after the last ')'.
