@@ -9,6 +9,7 @@
 //!   subscriptions kept in step with the flows, the in-flight window in messages and bytes,
 //!   acknowledgements on the connection their message came on.
 //! - [`processor`]: decodes messages, matches flows, validates, renders, acks after commit.
+//! - [`payload`]: what a payload must be (UTF-8 text holding a JSON object) and its decoding.
 //! - [`flows`]: flow rows checked into flows that can work; topic filters; payload schemas.
 //! - [`batch`]: group commit of a batch's counters, `data` rows and outbox requests, in
 //!   statements bounded by the server's `max_allowed_packet`.
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod mqtt;
 pub mod outbox;
+pub mod payload;
 pub mod processor;
 pub mod pyfmt;
 pub mod reload;
