@@ -11,7 +11,7 @@
 //! processor's decision, made from [`WriteError::blame`].
 
 use crate::db::{self, StatementBounds};
-use crate::flows::Flow;
+use crate::flows::{table, Flow};
 use crate::sinks::post_endpoint::{self, OutboxRow};
 use crate::sinks::store_db::{self, Attribute, DataRow};
 use chrono::NaiveDateTime;
@@ -130,13 +130,13 @@ pub async fn write(
     // The next id to hand out per flow; absent when the flow row is gone.
     let mut next_id: HashMap<i32, i32> = HashMap::new();
     for (&flow_id, &count) in &counts {
-        match db::advance_counter(&mut tx, flow_id, count).await {
+        match table::advance_counter(&mut tx, flow_id, count).await {
             Ok(last) => {
                 next_id.insert(flow_id, last - count + 1);
             }
-            Err(db::CounterError::FlowGone(_)) => {}
-            Err(db::CounterError::Db(e)) => return Err(e.into()),
-            Err(db::CounterError::Overflow(flow)) => return Err(WriteError::CounterOverflow(flow)),
+            Err(table::CounterError::FlowGone(_)) => {}
+            Err(table::CounterError::Db(e)) => return Err(e.into()),
+            Err(table::CounterError::Overflow(flow)) => return Err(WriteError::CounterOverflow(flow)),
         }
     }
     let mut data_rows = Vec::new();

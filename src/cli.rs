@@ -416,7 +416,7 @@ async fn outbox_command(pool: &MySqlPool, command: OutboxCommand) -> anyhow::Res
 async fn check(settings: &Settings, pool: &MySqlPool, json: bool) -> anyhow::Result<i32> {
     let mut problems: Vec<String> = Vec::new();
     let rows = all_flows(pool).await?;
-    let set = FlowSet::from_rows(db::enabled_flows(pool).await.context("cannot read flows")?);
+    let set = FlowSet::from_rows(crate::flows::table::enabled(pool).await.context("cannot read flows")?);
     for broken in &set.broken {
         problems.push(format!("flow {}: {}", broken.code, broken.reason));
     }
