@@ -29,8 +29,8 @@
 
 pub mod app;
 pub mod backoff;
-pub mod batch;
 pub mod cli;
+pub mod commit;
 pub mod config;
 pub mod db;
 pub mod flows;
