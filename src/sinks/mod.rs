@@ -1,15 +1,16 @@
 //! Sinks: what each flow action makes of a validated payload, and the rows it writes for it
-//! inside the batch's transaction. One file per action; nothing outside this directory matches
-//! on actions or their effects.
+//! inside the batch's transaction. One file per action; the processor and the commit never
+//! match on actions or their effects.
 //!
 //! Each sink file has three parts: `render` (pure, done once per message before any database
 //! work, so that a payload that can never be written fails alone and early), an effect type
 //! that answers [`Rendered`], and `write`, which picks its own effects out of the committed
 //! items and inserts their rows in the caller's transaction.
 //!
-//! Adding an action is a new file here plus one line in each of the three dispatches below
-//! ([`Effect`], [`render`], [`Effect::rendered`]) and one in [`Rows::write`]; the compiler
-//! points at the first three.
+//! Adding an action: its name in [`crate::flows::Action`] (with how a row spells it), a new
+//! file here, and in this file its `mod` line and one line in each of [`Effect`], [`render`],
+//! [`Effect::rendered`] and [`Rows::write`]. The compiler asks for the arms in `render` and
+//! `rendered`; the commit and the processor are not touched.
 
 pub mod post_endpoint;
 pub mod store_db;
