@@ -3,7 +3,7 @@
 //! Every subcommand reads the same environment variables as the service.
 //!
 //! This file parses the command line and dispatches; each command group has its own file:
-//! [`check`], [`flows`], [`status`], [`outbox`]. None of them writes SQL of its own for a table
+//! `check.rs`, `flows.rs`, `status.rs`, `outbox.rs`. None of them writes SQL of its own for a table
 //! another module owns: the `flows` table's statements are in [`crate::flows::table`].
 
 mod check;
