@@ -9,7 +9,7 @@
 //!
 //! Adding an action: its name in [`crate::flows::Action`] (with how a row spells it), a new
 //! file here, and in this file its `mod` line and one line in each of [`Effect`], [`render`],
-//! [`Effect::rendered`] and [`Rows::write`]. The compiler asks for the arms in `render` and
+//! `Effect::rendered` and [`Rows::write`]. The compiler asks for the arms in `render` and
 //! `rendered`; the commit and the processor are not touched.
 
 pub mod post_endpoint;
