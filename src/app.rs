@@ -6,7 +6,7 @@
 //! messages, finish the ones in hand and their acks, let queued POSTs go out, disconnect.
 
 use crate::config::Settings;
-use crate::flows::FlowSet;
+use crate::flows::{self, FlowSet};
 use crate::health::Health;
 use crate::mqtt::{self, BrokerSession, Subscriptions};
 use crate::outbox::{Outbox, OutboxSignal};
@@ -81,7 +81,7 @@ async fn run_with_pool(
         tracing::info!("mqtt_servers was empty: added the default broker {host}:{port}");
     }
     let flows =
-        FlowSet::from_rows(db::enabled_flows(&pool).await.context("cannot load flows").map_err(startup)?);
+        FlowSet::from_rows(flows::table::enabled(&pool).await.context("cannot load flows").map_err(startup)?);
     let broker = db::choose_broker(&pool)
         .await
         .context("cannot read mqtt_servers")

@@ -1,12 +1,13 @@
-//! The database: connection pool, the call into the schema migrations, and the queries on
-//! `mqtt_servers` and `flows` that startup and reload need.
+//! The database: connection pool, the call into the schema migrations, the queries on
+//! `mqtt_servers` and `gateway_subscriptions`, whose fault a failed write is ([`blame`]), and
+//! how big a statement may be ([`StatementBounds`]). Statements on `flows` live in
+//! [`crate::flows::table`].
 //!
 //! Connect options are built field by field, never as a URL, so a password with `@`, `/` or `:`
 //! (which broke the original's `mysql+pymysql://` string) works as it is and is never formatted
 //! into text that could be logged.
 
 use crate::config::{DbSettings, DbSslMode};
-use crate::flows::FlowRow;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlSslMode};
 use sqlx::{MySql, Transaction};
 use std::time::Duration;
@@ -119,46 +120,6 @@ pub async fn choose_broker(pool: &MySqlPool) -> Result<Option<BrokerRow>, sqlx::
     )
     .fetch_optional(pool)
     .await
-}
-
-/// Every enabled flow, in id order. The schema is read as text so that both MariaDB's JSON
-/// (a LONGTEXT) and MySQL's native JSON type decode.
-pub async fn enabled_flows(pool: &MySqlPool) -> Result<Vec<FlowRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, code, topic, action, CAST(payload_schema AS CHAR) AS payload_schema, \
-         endpoint_url FROM flows WHERE enabled ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await
-}
-
-/// Adds `count` to a flow's counter and returns the new value, in the caller's transaction.
-/// `LAST_INSERT_ID(expr)` hands the new value back with the update, saving a round trip, and
-/// the row lock it takes keeps ids distinct however many writers there are.
-pub async fn advance_counter(
-    tx: &mut Transaction<'_, MySql>,
-    flow_id: i32,
-    count: i32,
-) -> Result<i32, CounterError> {
-    let done = sqlx::query("UPDATE flows SET last_msg_id = LAST_INSERT_ID(last_msg_id + ?) WHERE id = ?")
-        .bind(count)
-        .bind(flow_id)
-        .execute(&mut **tx)
-        .await?;
-    if done.rows_affected() != 1 {
-        return Err(CounterError::FlowGone(flow_id));
-    }
-    i32::try_from(done.last_insert_id()).map_err(|_| CounterError::Overflow(flow_id))
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CounterError {
-    #[error("flow {0} no longer exists")]
-    FlowGone(i32),
-    #[error("last_msg_id of flow {0} no longer fits in INT")]
-    Overflow(i32),
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
 }
 
 /// Whose fault a failed write is: the one question that decides between dropping a message and

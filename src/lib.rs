@@ -8,28 +8,32 @@
 //! - [`mqtt`]: the broker session on its own socket (rumqttc's codec): reconnects with backoff,
 //!   subscriptions kept in step with the flows, the in-flight window in messages and bytes,
 //!   acknowledgements on the connection their message came on.
-//! - [`processor`]: decodes messages, matches flows, validates, renders, acks after commit.
-//! - [`flows`]: flow rows checked into flows that can work; topic filters; payload schemas.
-//! - [`batch`]: group commit of a batch's counters, `data` rows and outbox requests, in
-//!   statements bounded by the server's `max_allowed_packet`.
-//! - [`sinks`]: one module per action: `store_db`, `post_endpoint`.
+//! - [`processor`]: the loop only: receive a batch, decode, match, render, commit, report, ack.
+//! - [`payload`]: what a payload must be (UTF-8 text holding a JSON object) and its decoding.
+//! - [`flows`]: flow rows checked into flows that can work; topic filters; payload schemas;
+//!   `flows/table.rs`, every statement on the `flows` table.
+//! - [`sinks`]: one file per action (`store_db`, `post_endpoint`): what it renders of a payload
+//!   and the rows it writes; `Effect` and `Item`, what a rendered message is.
+//! - [`commit`]: one transaction for a batch (counters, then each sink's rows) in statements
+//!   bounded by `max_allowed_packet`; holding the stream while the database cannot write, and
+//!   splitting a batch to find the message at fault.
 //! - [`outbox`]: durable delivery of POST_ENDPOINT requests, with retries and leases.
 //! - [`pyfmt`]: the Python renderings of values the original stored and sent.
-//! - [`db`]: the pool; queries on `mqtt_servers`, `flows` and `gateway_subscriptions`; how big a
+//! - [`db`]: the pool; queries on `mqtt_servers` and `gateway_subscriptions`; how big a
 //!   statement may be; whose fault a failed write is (a message's data, or the database, which
-//!   holds the stream); [`migrate`]: schema
-//!   migrations that several instances can run at once.
+//!   holds the stream); [`migrate`]: schema migrations that several instances can run at once.
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
 //! - [`logging`]: the original's log format, stderr and daily files; journald and JSON.
 //! - [`health`] and [`systemd`]: heartbeats, readiness, status, watchdog; [`metrics`]:
 //!   Prometheus metrics, `/healthz` and `/readyz`.
-//! - [`app`]: startup in the original's order, and an orderly shutdown; [`cli`]: the subcommands.
+//! - [`app`]: startup in the original's order, and an orderly shutdown; [`cli`]: the subcommands,
+//!   one file per command group.
 //! - [`backoff`]: capped exponential backoff with jitter; [`tls`]: crypto provider, broker TLS.
 
 pub mod app;
 pub mod backoff;
-pub mod batch;
 pub mod cli;
+pub mod commit;
 pub mod config;
 pub mod db;
 pub mod flows;
@@ -39,6 +43,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod mqtt;
 pub mod outbox;
+pub mod payload;
 pub mod processor;
 pub mod pyfmt;
 pub mod reload;

@@ -1,160 +1,42 @@
-//! The processor: takes the messages the broker session hands over, decodes each, finds the
-//! flows whose topic filter matches, validates the payload against each flow's schema, renders
-//! what each flow's sink writes, writes a whole batch in one transaction, and only then
-//! acknowledges the batch's messages to the broker.
+//! The processor: the loop that takes the messages the broker session hands over, decodes each
+//! ([`crate::payload`]), finds the flows whose topic filter matches and validates the payload
+//! against each flow's schema ([`crate::flows`]), has each flow's sink render it
+//! ([`crate::sinks`]), writes the whole batch ([`crate::commit`]), reports each message's
+//! outcome, and only then acknowledges the batch's messages to the broker.
 //!
 //! It runs on its own task, fed by a bounded channel, so that database and HTTP latency never
 //! reach the MQTT event loop (where the original processed messages, stalling its keepalive).
 //! Batches are handled one after another in arrival order, so counters are assigned in that
 //! order and acknowledgements leave in the order MQTT requires.
 
-use crate::backoff::Backoff;
-use crate::batch::{self, Effect, Item, Outcome, WriteError};
+use crate::commit::{Commit, Committed, Outcome};
 use crate::config::BatchSettings;
-use crate::db;
-use crate::flows::{Action, FlowSet};
+use crate::flows::{Flow, FlowSet};
 use crate::health::{self, Health};
 use crate::mqtt::{Acker, Message};
 use crate::outbox::OutboxSignal;
-use crate::sinks::{post_endpoint, store_db};
+use crate::payload::decode;
+use crate::sinks::{self, AfterCommit, Item};
 use chrono::{NaiveDateTime, SubsecRound, Utc};
-use serde::Deserialize;
-use serde_json::{Map, Value};
 use sqlx::MySqlPool;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// Deeper payloads are refused as invalid. Python's json module gives up near 1,000 levels
-/// (its recursion limit); a legitimate sensor payload is a few levels deep. The bound keeps
-/// parsing, formatting and dropping a value well inside a worker thread's stack.
-pub const MAX_DEPTH: usize = 512;
 
 /// A batch stops growing at this many payload bytes: rendering and writing a batch needs a
 /// few times its size in memory, and the in-flight window should be what decides memory.
 const BATCH_MAX_BYTES: usize = 4 << 20;
 
-/// Why a payload is not a JSON object.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum InvalidPayload {
-    #[error("payload is not valid UTF-8: {0}")]
-    NotUtf8(String),
-    #[error("payload nests JSON deeper than {MAX_DEPTH} levels")]
-    TooDeep,
-    #[error("payload is not valid JSON: {0}")]
-    NotJson(String),
-    #[error("payload must be a JSON object, got {0}")]
-    NotAnObject(&'static str),
-}
-
-/// Decodes a payload the way the original accepted it: UTF-8 text holding a JSON object.
-pub fn decode(payload: &[u8]) -> Result<Map<String, Value>, InvalidPayload> {
-    let text = std::str::from_utf8(payload).map_err(|e| InvalidPayload::NotUtf8(e.to_string()))?;
-    if nesting_depth(text.as_bytes()) > MAX_DEPTH {
-        return Err(InvalidPayload::TooDeep);
-    }
-    let text = python_literals(text);
-    let mut de = serde_json::Deserializer::from_str(&text);
-    // The depth was bounded above; serde_json's own limit (128) would refuse payloads Python
-    // accepted.
-    de.disable_recursion_limit();
-    let value = Value::deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v))
-        .map_err(|e| InvalidPayload::NotJson(e.to_string()))?;
-    match value {
-        Value::Object(map) => Ok(map),
-        Value::Array(_) => Err(InvalidPayload::NotAnObject("an array")),
-        Value::String(_) => Err(InvalidPayload::NotAnObject("a string")),
-        Value::Number(_) => Err(InvalidPayload::NotAnObject("a number")),
-        Value::Bool(_) => Err(InvalidPayload::NotAnObject("a boolean")),
-        Value::Null => Err(InvalidPayload::NotAnObject("null")),
-    }
-}
-
-/// Python's `json` module (the original's parser, and what Python publishers write with)
-/// accepts `NaN`, `Infinity` and `-Infinity` as values; serde_json does not. Outside strings,
-/// each becomes a number literal with the same meaning to [`crate::pyfmt`]: infinities an
-/// overflowing literal (a float of infinite value, as in Python), NaN the marker
-/// [`crate::pyfmt::NAN_LITERAL`]. Text without them is returned as it is, without a copy.
-fn python_literals(text: &str) -> std::borrow::Cow<'_, str> {
-    let bytes = text.as_bytes();
-    let mut out: Option<String> = None;
-    // Everything before `copied` is in `out` already (or needs no copy).
-    let mut copied = 0;
-    for (i, _) in outside_strings(bytes) {
-        if i < copied {
-            continue; // inside a literal just replaced
-        }
-        let rest = &bytes[i..];
-        let found =
-            [("NaN", crate::pyfmt::NAN_LITERAL), ("Infinity", "1e999999"), ("-Infinity", "-1e999999")]
-                .into_iter()
-                .find(|(literal, _)| rest.starts_with(literal.as_bytes()));
-        if let Some((literal, number)) = found {
-            let out = out.get_or_insert_with(|| String::with_capacity(text.len() + 64));
-            out.push_str(&text[copied..i]);
-            out.push_str(number);
-            copied = i + literal.len();
-        }
-    }
-    match out {
-        None => std::borrow::Cow::Borrowed(text),
-        Some(mut out) => {
-            out.push_str(&text[copied..]);
-            std::borrow::Cow::Owned(out)
-        }
-    }
-}
-
-/// The bytes of JSON text outside its strings (the quotes included), with their positions.
-/// Linear and allocation-free, so a hostile payload costs no more than reading it.
-fn outside_strings(text: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
-    let (mut in_string, mut escaped) = (false, false);
-    text.iter().enumerate().filter_map(move |(i, &b)| {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            return None;
-        }
-        in_string = b == b'"';
-        Some((i, b))
-    })
-}
-
-/// The deepest bracket nesting in `text`, ignoring brackets inside strings.
-fn nesting_depth(text: &[u8]) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    for (_, b) in outside_strings(text) {
-        match b {
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    deepest
-}
-
 pub struct Processor {
     flows: watch::Receiver<Arc<FlowSet>>,
-    pool: MySqlPool,
     batch: BatchSettings,
     /// Told after each commit that wrote outbox requests.
     outbox: Arc<OutboxSignal>,
     /// Acknowledgements go back to the broker session.
     acks: Acker,
-    /// Cancelled at shutdown: a batch waiting for the database is then given up, unacknowledged.
-    shutdown: CancellationToken,
     health: Arc<Health>,
-    hold: Hold,
+    commit: Commit,
 }
 
 impl Processor {
@@ -167,7 +49,8 @@ impl Processor {
         shutdown: CancellationToken,
         health: Arc<Health>,
     ) -> Processor {
-        Processor { flows, pool, batch, outbox, acks, shutdown, health, hold: Hold::default() }
+        let commit = Commit::new(pool, shutdown, Arc::clone(&health));
+        Processor { flows, batch, outbox, acks, health, commit }
     }
 
     /// Runs until the session closes the channel (at shutdown) and what it holds is written.
@@ -228,33 +111,32 @@ impl Processor {
         if items.is_empty() {
             return true;
         }
-        let Some(outcomes) = self.write_isolating(received_at, &items).await else {
-            return false;
+        let outcomes = match self.commit.write(received_at, &items).await {
+            Committed::Written(outcomes) => outcomes,
+            Committed::ShutDown => return false,
         };
         let mut queued: Vec<i32> = Vec::new();
         for (i, outcome) in outcomes {
             let item = &items[i];
             match outcome {
-                Outcome::FlowGone => {
-                    report(item, "flow_gone", &format!("flow {} no longer exists", item.flow.id))
-                }
-                Outcome::TooBig(reason) => report(item, "too_big", &reason),
-                Outcome::Refused(reason) => report(item, "refused_by_database", &reason),
+                Outcome::FlowGone => report(
+                    &item.flow,
+                    &item.topic,
+                    "flow_gone",
+                    &format!("flow {} no longer exists", item.flow.id),
+                ),
+                Outcome::TooBig(reason) => report(&item.flow, &item.topic, "too_big", &reason),
+                Outcome::Refused(reason) => report(&item.flow, &item.topic, "refused_by_database", &reason),
                 Outcome::Written(msg_id) => {
                     metrics::counter!("mqtt_gateway_messages_processed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
                         .increment(1);
                     metrics::gauge!("mqtt_gateway_last_message_timestamp_seconds", "flow" => item.flow.code.clone())
                         .set(Utc::now().timestamp() as f64);
                     tracing::debug!(flow_code = %item.flow.code, msg_id, "Flow {} took message {msg_id}", item.flow.code);
-                    match &item.effect {
-                        Effect::Post { url, body: Err(error) } => tracing::error!(
-                            flow_code = %item.flow.code,
-                            "Error posting flow {} to endpoint {}: {error}",
-                            item.flow.code,
-                            crate::outbox::redacted_str(url)
-                        ),
-                        Effect::Post { .. } => queued.push(item.flow.id),
-                        Effect::Store(_) => {}
+                    match item.effect.committed(&item.flow) {
+                        AfterCommit::Done => {}
+                        AfterCommit::Queued => queued.push(item.flow.id),
+                        AfterCommit::NotSent(line) => tracing::error!(flow_code = %item.flow.code, "{line}"),
                     }
                 }
             }
@@ -290,260 +172,27 @@ impl Processor {
             };
             let shared_topic: Arc<str> = Arc::from(topic);
             for flow in flows.matching(topic) {
-                let effect = flow.schema.validate(&payload).and_then(|()| match &flow.action {
-                    Action::StoreDb => store_db::attributes(&payload).map(Effect::Store),
-                    Action::PostEndpoint { url } => {
-                        Ok(Effect::Post { url: url.to_string(), body: post_endpoint::body(&payload) })
+                match flow.schema.validate(&payload).and_then(|()| sinks::render(flow, &payload)) {
+                    Ok(effect) => {
+                        items.push(Item { flow: Arc::clone(flow), topic: Arc::clone(&shared_topic), effect })
                     }
-                });
-                let item = |effect| Item { flow: Arc::clone(flow), topic: Arc::clone(&shared_topic), effect };
-                match effect {
-                    Ok(effect) => items.push(item(effect)),
-                    Err(reason) => report(&item(Effect::Store(Vec::new())), "invalid_for_flow", &reason),
+                    Err(reason) => report(flow, topic, "invalid_for_flow", &reason),
                 }
             }
         }
         items
     }
-
-    /// Writes every item exactly once, or refuses it for its own data.
-    ///
-    /// The invariant: no single message can stop the pipeline, and no message is dropped for
-    /// the database's sake. A group whose write fails for its data is split in halves, in
-    /// order, until the message at fault stands alone and fails alone; the others are written
-    /// with the ids they would have had. A database that cannot write holds the group, however
-    /// long that lasts. `None` when shutdown interrupted a wait: nothing may be acknowledged.
-    async fn write_isolating(
-        &self,
-        received_at: NaiveDateTime,
-        items: &[Item],
-    ) -> Option<Vec<(usize, Outcome)>> {
-        let mut outcomes = Vec::with_capacity(items.len());
-        // The next group to write is the last; halves go on in arrival order.
-        let mut groups: Vec<Vec<usize>> = vec![(0..items.len()).collect()];
-        while let Some(group) = groups.pop() {
-            match self.write_held(received_at, items, &group).await? {
-                Ok(mut written) => outcomes.append(&mut written),
-                Err(reason) if group.len() == 1 => outcomes.push((group[0], Outcome::Refused(reason))),
-                Err(reason) => {
-                    tracing::debug!(
-                        "A batch of {} failed ({reason}); splitting it to find the message",
-                        group.len()
-                    );
-                    let (first, second) = group.split_at(group.len() / 2);
-                    groups.push(second.to_vec());
-                    groups.push(first.to_vec());
-                }
-            }
-        }
-        Some(outcomes)
-    }
-
-    /// Writes one group, holding it while the database cannot write. `Some(Err(reason))` when
-    /// the error is about the group's data (or, for a group of one, when the server keeps
-    /// dropping the connection on it while answering otherwise).
-    async fn write_held(
-        &self,
-        received_at: NaiveDateTime,
-        items: &[Item],
-        group: &[usize],
-    ) -> Option<Result<Vec<(usize, Outcome)>, String>> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut dropped_connection = 0;
-        let mut conflicts = 0;
-        loop {
-            let attempt = Instant::now();
-            let error = match batch::write(&self.pool, received_at, items, group).await {
-                Ok(outcomes) => {
-                    metrics::histogram!("mqtt_gateway_commit_seconds")
-                        .record(attempt.elapsed().as_secs_f64());
-                    metrics::histogram!("mqtt_gateway_batch_messages").record(group.len() as f64);
-                    self.hold.resume(&self.health);
-                    return Some(Ok(outcomes));
-                }
-                Err(error) => error,
-            };
-            if error.blame() == db::Blame::Data {
-                return Some(Err(format!("database error: {error}")));
-            }
-            if let WriteError::Db(db_error) = &error {
-                if db::conflict(db_error) && conflicts < CONFLICT_RETRIES {
-                    // Another writer won the race (several instances, a Galera cluster): run
-                    // the transaction again at once, after a little jitter; no outage to report.
-                    conflicts += 1;
-                    metrics::counter!("mqtt_gateway_commit_conflicts_total").increment(1);
-                    tracing::debug!("Commit conflict ({error}); writing the batch again");
-                    let jitter = rand::random_range(5..50);
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                    continue;
-                }
-                if db::connection_lost(db_error) && db::answers(&self.pool).await {
-                    dropped_connection += 1;
-                    if dropped_connection >= DROPS_BEFORE_SPLIT {
-                        return Some(Err(format!(
-                            "the database closed the connection each of the {dropped_connection} times this was \
-                             written, while answering otherwise: {error}"
-                        )));
-                    }
-                    continue;
-                }
-            }
-            dropped_connection = 0;
-            let delay = backoff.step();
-            self.hold.hold(&self.health, group.len(), &error, delay);
-            // Waiting for the database is healthy as far as the watchdog is concerned: keep
-            // beating while the backoff runs.
-            let until = Instant::now() + delay;
-            while Instant::now() < until {
-                self.health.beat_processor();
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep_until(until.min(Instant::now() + health::BEAT)) => {}
-                }
-            }
-        }
-    }
-}
-
-/// Conflicts retried at once before they count as the database being unable to write.
-const CONFLICT_RETRIES: u32 = 5;
-
-/// How many times in a row a group may make the server drop the connection, while it answers
-/// pings, before the group is judged to be the cause (split, or failed when alone).
-const DROPS_BEFORE_SPLIT: u32 = 3;
-
-/// Whether the processor is holding the stream for the database, and since when: one ERROR when
-/// holding starts and one line when it ends, never a line per retry.
-#[derive(Default)]
-struct Hold {
-    since: std::sync::Mutex<Option<(Instant, String)>>,
-}
-
-impl Hold {
-    fn hold(&self, health: &Health, messages: usize, error: &WriteError, delay: Duration) {
-        let label = match error {
-            WriteError::Db(error) => db::error_label(error),
-            WriteError::CounterOverflow(_) => "counter".to_owned(),
-        };
-        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
-        match &*since {
-            None => {
-                tracing::error!(
-                    error_code = %label,
-                    error_kind = "database_holding",
-                    "Database cannot take writes, holding {messages} messages unacknowledged until it can: {error}"
-                );
-                health.set_waiting_for(Some(format!("the database to take writes ({error})")));
-                metrics::gauge!("mqtt_gateway_database_holding", "code" => label.clone()).set(1.0);
-                *since = Some((Instant::now(), label));
-            }
-            Some((_, previous)) if *previous != label => {
-                tracing::error!(
-                    error_code = %label,
-                    "Database still cannot take writes, now for another reason: {error}"
-                );
-                health.set_waiting_for(Some(format!("the database to take writes ({error})")));
-                metrics::gauge!("mqtt_gateway_database_holding", "code" => previous.clone()).set(0.0);
-                metrics::gauge!("mqtt_gateway_database_holding", "code" => label.clone()).set(1.0);
-                *since = Some((Instant::now(), label));
-            }
-            Some(_) => tracing::debug!("Database still cannot take writes, retrying in {delay:?}: {error}"),
-        }
-    }
-
-    fn resume(&self, health: &Health) {
-        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((when, label)) = since.take() {
-            tracing::error!(
-                "Database takes writes again after {:.1}s; resuming",
-                when.elapsed().as_secs_f64()
-            );
-            health.set_waiting_for(None);
-            metrics::gauge!("mqtt_gateway_database_holding", "code" => label).set(0.0);
-        }
-    }
 }
 
 /// The original's per-flow failure line; `kind` goes in the journal's `ERROR_KIND` field.
-fn report(item: &Item, kind: &'static str, reason: &str) {
-    metrics::counter!("mqtt_gateway_messages_failed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
+fn report(flow: &Flow, topic: &str, kind: &'static str, reason: &str) {
+    metrics::counter!("mqtt_gateway_messages_failed_total", "flow" => flow.code.clone(), "action" => flow.action.name())
         .increment(1);
     tracing::error!(
-        flow_code = %item.flow.code,
-        topic = %item.topic,
+        flow_code = %flow.code,
+        topic = %topic,
         error_kind = kind,
-        "Error processing topic {} (flow_id={}): {reason}",
-        item.topic,
-        item.flow.id
+        "Error processing topic {topic} (flow_id={}): {reason}",
+        flow.id
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rstest::rstest;
-
-    #[rstest]
-    #[case(b"\xff\xfe".as_slice(), "not valid UTF-8")]
-    #[case(b"{not json".as_slice(), "not valid JSON")]
-    #[case(b"[1, 2]".as_slice(), "got an array")]
-    #[case(b"42".as_slice(), "got a number")]
-    #[case(b"".as_slice(), "not valid JSON")]
-    #[case(b"{} trailing".as_slice(), "not valid JSON")]
-    fn bad_payloads_are_explained(#[case] payload: &[u8], #[case] reason: &str) {
-        let error = decode(payload).unwrap_err().to_string();
-        assert!(error.contains(reason), "{error}");
-    }
-
-    #[rstest]
-    #[case(r#"{"t": NaN, "h": 40}"#, "nan", "40")]
-    #[case(r#"{"t": Infinity, "h": -Infinity}"#, "inf", "-inf")]
-    #[case(r#"{"t": "NaN", "h": [NaN]}"#, "NaN", "[NaN]")]
-    fn python_literals_are_accepted_and_stored_as_python_does(
-        #[case] payload: &str,
-        #[case] t: &str,
-        #[case] h: &str,
-    ) {
-        let map = decode(payload.as_bytes()).unwrap();
-        assert_eq!(crate::pyfmt::attribute_value(&map["t"]), t);
-        assert_eq!(crate::pyfmt::attribute_value(&map["h"]), h);
-    }
-
-    #[test]
-    fn python_literals_are_refused_in_post_bodies_as_requests_does() {
-        let map = decode(br#"{"t": NaN}"#).unwrap();
-        let error = crate::pyfmt::request_body_of(&map).unwrap_err().to_string();
-        assert!(error.contains("Out of range float values are not JSON compliant"), "{error}");
-    }
-
-    #[test]
-    fn python_literals_are_not_rewritten_inside_strings() {
-        assert!(matches!(python_literals(r#"{"a": "NaN \" Infinity"}"#), std::borrow::Cow::Borrowed(_)));
-        assert!(decode(br#"{"a": Nan}"#).is_err(), "only Python's exact spellings");
-    }
-
-    #[test]
-    fn deep_nesting_is_refused_without_recursing() {
-        let deep = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(decode(deep.as_bytes()), Err(InvalidPayload::TooDeep));
-    }
-
-    #[test]
-    fn nesting_up_to_the_limit_is_accepted() {
-        let n = MAX_DEPTH - 1;
-        let ok = format!("{{\"a\":{}{}}}", "[".repeat(n), "]".repeat(n));
-        assert!(decode(ok.as_bytes()).is_ok());
-    }
-
-    #[test]
-    fn brackets_inside_strings_do_not_count() {
-        let text = format!("{{\"a\":\"{}\\\"{}\"}}", "[".repeat(1000), "{".repeat(1000));
-        assert_eq!(nesting_depth(text.as_bytes()), 1);
-    }
-
-    #[test]
-    fn duplicate_keys_keep_first_position_and_last_value_like_python() {
-        let map = decode(br#"{"a": 1, "b": 2, "a": 3}"#).unwrap();
-        assert_eq!(serde_json::to_string(&map).unwrap(), r#"{"a":3,"b":2}"#);
-    }
 }

@@ -140,7 +140,7 @@ fn quote_into(out: &mut String, s: &str, ascii: Ascii) {
     out.push('"');
 }
 
-/// The number literal a payload's `NaN` is decoded to (see `processor::decode`): minus zero with
+/// The number literal a payload's `NaN` is decoded to (see `payload::decode`): minus zero with
 /// an exponent no sensor writes, so it never stands for anything else.
 pub const NAN_LITERAL: &str = "-0.0e-7777777777777777777777777777777777777777777777777777777777777777";
 

@@ -2,8 +2,7 @@
 //! on SIGHUP, subscribes filters that are new, unsubscribes those no flow uses any more, and
 //! publishes the new set to the processor.
 
-use crate::db;
-use crate::flows::{BrokenFlow, FlowSet};
+use crate::flows::{self, BrokenFlow, FlowSet};
 use crate::health::Health;
 use crate::mqtt::SubscriptionHandle;
 use crate::systemd;
@@ -79,7 +78,7 @@ impl Reloader {
     }
 
     pub async fn reload(&mut self) -> Result<(), sqlx::Error> {
-        let next = FlowSet::from_rows(db::enabled_flows(&self.pool).await?);
+        let next = FlowSet::from_rows(flows::table::enabled(&self.pool).await?);
         crate::metrics::record_flows(&next);
         self.report_broken(&next.broken);
         let before = self.flows.borrow().filters();

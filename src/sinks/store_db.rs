@@ -2,7 +2,9 @@
 //! message's `last_msg_id`, written in the same transaction as the counter increment so that a
 //! counter never points at rows that are not there.
 
+use super::{AfterCommit, Effect, Item, Rendered};
 use crate::db::{self, StatementBounds};
+use crate::flows::Flow;
 use crate::pyfmt;
 use chrono::NaiveDateTime;
 use serde_json::{Map, Value};
@@ -21,15 +23,19 @@ pub struct Attribute {
     pub value: String,
 }
 
+/// A message's attributes, one `data` row each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attributes(pub Vec<Attribute>);
+
 /// One `data` row to insert.
-pub struct DataRow<'a> {
+struct DataRow<'a> {
     pub flow_code: &'a str,
     pub attribute: &'a Attribute,
     pub msg_id: i32,
 }
 
 /// Renders every top-level key, or says why the message cannot be stored.
-pub fn attributes(payload: &Map<String, Value>) -> Result<Vec<Attribute>, String> {
+pub fn render(payload: &Map<String, Value>) -> Result<Attributes, String> {
     payload
         .iter()
         .map(|(name, value)| {
@@ -48,7 +54,30 @@ pub fn attributes(payload: &Map<String, Value>) -> Result<Vec<Attribute>, String
             }
             Ok(Attribute { name: name.clone(), value })
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(Attributes)
+}
+
+impl Rendered for Attributes {
+    /// Rows of one message may span statements (they share the transaction), so only the
+    /// largest row matters.
+    fn too_big(&self, flow: &Flow, bounds: &StatementBounds) -> Option<String> {
+        let (largest, attribute) =
+            self.0.iter().map(|a| (row_bytes(&flow.code, a), a)).max_by_key(|(bytes, _)| *bytes)?;
+        (largest > bounds.row_limit()).then(|| {
+            format!(
+                "the row of attribute '{}' takes {largest} bytes, more than the {} bytes one statement \
+                 may carry (the database's max_allowed_packet is {})",
+                attribute.name,
+                bounds.row_limit(),
+                bounds.max_packet
+            )
+        })
+    }
+
+    fn committed(&self, _flow: &Flow) -> AfterCommit {
+        AfterCommit::Done
+    }
 }
 
 /// What one row costs in a statement (see [`db::row_bytes`]).
@@ -56,32 +85,25 @@ pub fn row_bytes(flow_code: &str, attribute: &Attribute) -> usize {
     db::row_bytes(&[flow_code, &attribute.name, &attribute.value], 2)
 }
 
-/// Why a message's rows cannot be written in any statement the server accepts, if so. Rows
-/// of one message may span statements (they share the transaction), so only the largest row
-/// matters.
-pub fn too_big(flow_code: &str, attributes: &[Attribute], bounds: &StatementBounds) -> Option<String> {
-    let (largest, attribute) =
-        attributes.iter().map(|a| (row_bytes(flow_code, a), a)).max_by_key(|(bytes, _)| *bytes)?;
-    (largest > bounds.row_limit()).then(|| {
-        format!(
-            "the row of attribute '{}' takes {largest} bytes, more than the {} bytes one statement \
-             may carry (the database's max_allowed_packet is {})",
-            attribute.name,
-            bounds.row_limit(),
-            bounds.max_packet
-        )
-    })
-}
-
-/// Inserts rows with multi-row statements bounded by bytes and placeholders, all with the
-/// batch's `received_at`.
-pub async fn insert(
+/// Inserts the rows of the STORE_DB items among `written`, with multi-row statements bounded
+/// by bytes and placeholders, all with the batch's `received_at`.
+pub async fn write(
     tx: &mut Transaction<'_, MySql>,
     bounds: &StatementBounds,
     received_at: NaiveDateTime,
-    rows: &[DataRow<'_>],
+    written: &[(&Item, i32)],
 ) -> Result<(), sqlx::Error> {
-    for chunk in bounds.chunks(rows, 5, |row| row_bytes(row.flow_code, row.attribute)) {
+    let rows: Vec<DataRow> = written
+        .iter()
+        .filter_map(|(item, msg_id)| match &item.effect {
+            Effect::StoreDb(attributes) => Some((&item.flow.code, attributes, *msg_id)),
+            _ => None,
+        })
+        .flat_map(|(flow_code, attributes, msg_id)| {
+            attributes.0.iter().map(move |attribute| DataRow { flow_code, attribute, msg_id })
+        })
+        .collect();
+    for chunk in bounds.chunks(&rows, 5, |row| row_bytes(row.flow_code, row.attribute)) {
         let mut insert: QueryBuilder<MySql> = QueryBuilder::new(
             "INSERT INTO data (received_at, flow_code, attribute_name, attribute_value, last_msg_id) ",
         );

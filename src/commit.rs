@@ -1,0 +1,316 @@
+//! The commit: a batch's writes in one transaction (counters, then each sink's rows), and
+//! what happens when that fails: the batch is held while the database cannot write, and split
+//! to find the one message at fault when the failure is about data.
+//!
+//! For each flow in a batch the counter moves once (`last_msg_id = last_msg_id + k`), and the
+//! batch's messages of that flow get the ids that follow, consecutive and in arrival order;
+//! the sinks' rows go in with multi-row inserts. Every message still gets its own
+//! `last_msg_id`, exactly as if it had been written alone.
+//!
+//! Statements are bounded by bytes (the server's `max_allowed_packet`) as well as placeholders,
+//! so a batch of any size is written; a message too big for any statement is refused alone.
+//! Whose fault a failed write is comes from [`WriteError::blame`].
+
+use crate::backoff::Backoff;
+use crate::db::{self, StatementBounds};
+use crate::flows::table;
+use crate::health::{self, Health};
+use crate::sinks::{Item, Rows};
+use chrono::NaiveDateTime;
+use sqlx::MySqlPool;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Writes batches for the processor, one at a time.
+pub struct Commit {
+    pool: MySqlPool,
+    /// Cancelled at shutdown: a batch waiting for the database is then given up, unacknowledged.
+    shutdown: CancellationToken,
+    health: Arc<Health>,
+    hold: Hold,
+}
+
+/// How a batch's commit ended.
+#[derive(Debug)]
+pub enum Committed {
+    /// Every item written or refused for its own data: its index in the batch, and its outcome.
+    Written(Vec<(usize, Outcome)>),
+    /// Shutdown came while the batch waited for the database: nothing of it may be acknowledged.
+    ShutDown,
+}
+
+/// How one attempt at a group of items ended.
+enum Attempt {
+    Written(Vec<(usize, Outcome)>),
+    /// The group's data is at fault, for this reason.
+    Failed(String),
+    ShutDown,
+}
+
+impl Commit {
+    pub fn new(pool: MySqlPool, shutdown: CancellationToken, health: Arc<Health>) -> Commit {
+        Commit { pool, shutdown, health, hold: Hold::default() }
+    }
+
+    /// Writes every item exactly once, or refuses it for its own data.
+    ///
+    /// The invariant: no single message can stop the pipeline, and no message is dropped for
+    /// the database's sake. A group whose write fails for its data is split in halves, in
+    /// order, until the message at fault stands alone and fails alone; the others are written
+    /// with the ids they would have had. A database that cannot write holds the group, however
+    /// long that lasts, unless shutdown comes first: then nothing may be acknowledged.
+    pub async fn write(&self, received_at: NaiveDateTime, items: &[Item]) -> Committed {
+        let mut outcomes = Vec::with_capacity(items.len());
+        // The next group to write is the last; halves go on in arrival order.
+        let mut groups: Vec<Vec<usize>> = vec![(0..items.len()).collect()];
+        while let Some(group) = groups.pop() {
+            match self.write_held(received_at, items, &group).await {
+                Attempt::Written(mut written) => outcomes.append(&mut written),
+                Attempt::ShutDown => return Committed::ShutDown,
+                Attempt::Failed(reason) if group.len() == 1 => {
+                    outcomes.push((group[0], Outcome::Refused(reason)))
+                }
+                Attempt::Failed(reason) => {
+                    tracing::debug!(
+                        "A batch of {} failed ({reason}); splitting it to find the message",
+                        group.len()
+                    );
+                    let (first, second) = group.split_at(group.len() / 2);
+                    groups.push(second.to_vec());
+                    groups.push(first.to_vec());
+                }
+            }
+        }
+        Committed::Written(outcomes)
+    }
+
+    /// Writes one group, holding it while the database cannot write. [`Attempt::Failed`] when
+    /// the error is about the group's data (or, for a group of one, when the server keeps
+    /// dropping the connection on it while answering otherwise).
+    async fn write_held(&self, received_at: NaiveDateTime, items: &[Item], group: &[usize]) -> Attempt {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut dropped_connection = 0;
+        let mut conflicts = 0;
+        loop {
+            let attempt = Instant::now();
+            let error = match transaction(&self.pool, received_at, items, group).await {
+                Ok(outcomes) => {
+                    metrics::histogram!("mqtt_gateway_commit_seconds")
+                        .record(attempt.elapsed().as_secs_f64());
+                    metrics::histogram!("mqtt_gateway_batch_messages").record(group.len() as f64);
+                    self.hold.resume(&self.health);
+                    return Attempt::Written(outcomes);
+                }
+                Err(error) => error,
+            };
+            if error.blame() == db::Blame::Data {
+                return Attempt::Failed(format!("database error: {error}"));
+            }
+            if let WriteError::Db(db_error) = &error {
+                if db::conflict(db_error) && conflicts < CONFLICT_RETRIES {
+                    // Another writer won the race (several instances, a Galera cluster): run
+                    // the transaction again at once, after a little jitter; no outage to report.
+                    conflicts += 1;
+                    metrics::counter!("mqtt_gateway_commit_conflicts_total").increment(1);
+                    tracing::debug!("Commit conflict ({error}); writing the batch again");
+                    let jitter = rand::random_range(5..50);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    continue;
+                }
+                if db::connection_lost(db_error) && db::answers(&self.pool).await {
+                    dropped_connection += 1;
+                    if dropped_connection >= DROPS_BEFORE_SPLIT {
+                        return Attempt::Failed(format!(
+                            "the database closed the connection each of the {dropped_connection} times this was \
+                             written, while answering otherwise: {error}"
+                        ));
+                    }
+                    continue;
+                }
+            }
+            dropped_connection = 0;
+            let delay = backoff.step();
+            self.hold.hold(&self.health, group.len(), &error, delay);
+            // Waiting for the database is healthy as far as the watchdog is concerned: keep
+            // beating while the backoff runs.
+            let until = Instant::now() + delay;
+            while Instant::now() < until {
+                self.health.beat_processor();
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Attempt::ShutDown,
+                    _ = tokio::time::sleep_until(until.min(Instant::now() + health::BEAT)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// How a written item ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written with this `last_msg_id`.
+    Written(i32),
+    /// The flow's row was deleted since the flows were loaded.
+    FlowGone,
+    /// Too big for any statement the server accepts: refused, nothing of it written.
+    TooBig(String),
+    /// Refused by the server for its values (see [`db::Blame::Data`]), written alone.
+    Refused(String),
+}
+
+/// Why a batch was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// The flow's `last_msg_id` would pass what `INT` holds: about the messages' flow, not the
+    /// database, so it fails them as the original did, never holding the stream.
+    #[error("last_msg_id of flow {0} no longer fits in INT")]
+    CounterOverflow(i32),
+}
+
+impl WriteError {
+    pub fn blame(&self) -> db::Blame {
+        match self {
+            WriteError::Db(error) => db::blame(error),
+            WriteError::CounterOverflow(_) => db::Blame::Data,
+        }
+    }
+}
+
+/// Records that these flows just took messages, in one statement.
+async fn note_activity(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    flows: impl Iterator<Item = i32>,
+) -> Result<(), sqlx::Error> {
+    let flows: Vec<i32> = flows.collect();
+    if flows.is_empty() {
+        return Ok(());
+    }
+    let mut upsert =
+        sqlx::QueryBuilder::<sqlx::MySql>::new("INSERT INTO gateway_flow_stats (flow_id, last_message_at) ");
+    upsert.push_values(&flows, |mut row, flow| {
+        row.push_bind(*flow).push("UTC_TIMESTAMP(3)");
+    });
+    upsert.push(" ON DUPLICATE KEY UPDATE last_message_at = VALUES(last_message_at)");
+    upsert.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Writes `items` (indexes into `all`) in one transaction and returns each one's outcome.
+/// However many bytes the batch holds, it goes in as many statements as the server's
+/// `max_allowed_packet` needs; an item too big for any statement is refused before anything
+/// of it (its counter included) is written.
+async fn transaction(
+    pool: &MySqlPool,
+    received_at: NaiveDateTime,
+    all: &[Item],
+    items: &[usize],
+) -> Result<Vec<(usize, Outcome)>, WriteError> {
+    let mut tx = pool.begin().await?;
+    let bounds = StatementBounds { max_packet: db::max_allowed_packet(&mut tx).await? };
+    let mut outcomes = Vec::with_capacity(items.len());
+    // Per flow, in flow-id order (so that instances writing the same flows lock their counter
+    // rows in one order and never deadlock each other): how many messages this batch holds.
+    let mut counts: BTreeMap<i32, i32> = BTreeMap::new();
+    let mut writable = Vec::with_capacity(items.len());
+    for &i in items {
+        match all[i].effect.too_big(&all[i].flow, &bounds) {
+            Some(reason) => outcomes.push((i, Outcome::TooBig(reason))),
+            None => {
+                *counts.entry(all[i].flow.id).or_default() += 1;
+                writable.push(i);
+            }
+        }
+    }
+    // The next id to hand out per flow; absent when the flow row is gone.
+    let mut next_id: HashMap<i32, i32> = HashMap::new();
+    for (&flow_id, &count) in &counts {
+        match table::advance_counter(&mut tx, flow_id, count).await {
+            Ok(last) => {
+                next_id.insert(flow_id, last - count + 1);
+            }
+            Err(table::CounterError::FlowGone(_)) => {}
+            Err(table::CounterError::Db(e)) => return Err(e.into()),
+            Err(table::CounterError::Overflow(flow)) => return Err(WriteError::CounterOverflow(flow)),
+        }
+    }
+    let mut rows = Rows::default();
+    for i in writable {
+        let item = &all[i];
+        let Some(next) = next_id.get_mut(&item.flow.id) else {
+            outcomes.push((i, Outcome::FlowGone));
+            continue;
+        };
+        let msg_id = *next;
+        *next += 1;
+        rows.push(item, msg_id);
+        outcomes.push((i, Outcome::Written(msg_id)));
+    }
+    rows.write(&mut tx, &bounds, received_at).await?;
+    note_activity(&mut tx, next_id.keys().copied()).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Conflicts retried at once before they count as the database being unable to write.
+const CONFLICT_RETRIES: u32 = 5;
+
+/// How many times in a row a group may make the server drop the connection, while it answers
+/// pings, before the group is judged to be the cause (split, or failed when alone).
+const DROPS_BEFORE_SPLIT: u32 = 3;
+
+/// Whether the commit is holding the stream for the database, and since when: one ERROR when
+/// holding starts and one line when it ends, never a line per retry.
+#[derive(Default)]
+struct Hold {
+    since: std::sync::Mutex<Option<(Instant, String)>>,
+}
+
+impl Hold {
+    fn hold(&self, health: &Health, messages: usize, error: &WriteError, delay: Duration) {
+        let label = match error {
+            WriteError::Db(error) => db::error_label(error),
+            WriteError::CounterOverflow(_) => "counter".to_owned(),
+        };
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        match &*since {
+            None => {
+                tracing::error!(
+                    error_code = %label,
+                    error_kind = "database_holding",
+                    "Database cannot take writes, holding {messages} messages unacknowledged until it can: {error}"
+                );
+                health.set_waiting_for(Some(format!("the database to take writes ({error})")));
+                metrics::gauge!("mqtt_gateway_database_holding", "code" => label.clone()).set(1.0);
+                *since = Some((Instant::now(), label));
+            }
+            Some((_, previous)) if *previous != label => {
+                tracing::error!(
+                    error_code = %label,
+                    "Database still cannot take writes, now for another reason: {error}"
+                );
+                health.set_waiting_for(Some(format!("the database to take writes ({error})")));
+                metrics::gauge!("mqtt_gateway_database_holding", "code" => previous.clone()).set(0.0);
+                metrics::gauge!("mqtt_gateway_database_holding", "code" => label.clone()).set(1.0);
+                *since = Some((Instant::now(), label));
+            }
+            Some(_) => tracing::debug!("Database still cannot take writes, retrying in {delay:?}: {error}"),
+        }
+    }
+
+    fn resume(&self, health: &Health) {
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((when, label)) = since.take() {
+            tracing::error!(
+                "Database takes writes again after {:.1}s; resuming",
+                when.elapsed().as_secs_f64()
+            );
+            health.set_waiting_for(None);
+            metrics::gauge!("mqtt_gateway_database_holding", "code" => label).set(0.0);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The `flows` table: every statement on it, for the service (load the enabled flows, advance a
+//! counter) and for the operator's CLI (list, add, enable, disable).
+
+use super::{Flow, FlowRow};
+use sqlx::{MySql, MySqlPool, Transaction};
+
+/// Every enabled flow, in id order. The schema is read as text so that both MariaDB's JSON
+/// (a LONGTEXT) and MySQL's native JSON type decode.
+pub async fn enabled(pool: &MySqlPool) -> Result<Vec<FlowRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, code, topic, action, CAST(payload_schema AS CHAR) AS payload_schema, \
+         endpoint_url FROM flows WHERE enabled ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Adds `count` to a flow's counter and returns the new value, in the caller's transaction.
+/// `LAST_INSERT_ID(expr)` hands the new value back with the update, saving a round trip, and
+/// the row lock it takes keeps ids distinct however many writers there are.
+pub async fn advance_counter(
+    tx: &mut Transaction<'_, MySql>,
+    flow_id: i32,
+    count: i32,
+) -> Result<i32, CounterError> {
+    let done = sqlx::query("UPDATE flows SET last_msg_id = LAST_INSERT_ID(last_msg_id + ?) WHERE id = ?")
+        .bind(count)
+        .bind(flow_id)
+        .execute(&mut **tx)
+        .await?;
+    if done.rows_affected() != 1 {
+        return Err(CounterError::FlowGone(flow_id));
+    }
+    i32::try_from(done.last_insert_id()).map_err(|_| CounterError::Overflow(flow_id))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    #[error("flow {0} no longer exists")]
+    FlowGone(i32),
+    #[error("last_msg_id of flow {0} no longer fits in INT")]
+    Overflow(i32),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// A `flows` row as the operator sees it: the row the service reads, and the columns only the
+/// operator looks at.
+#[derive(Debug, sqlx::FromRow)]
+pub struct FlowListing {
+    #[sqlx(flatten)]
+    pub row: FlowRow,
+    pub description: String,
+    pub last_msg_id: i32,
+    pub enabled: bool,
+}
+
+impl FlowListing {
+    /// Why the service would skip this flow, if it would.
+    pub fn problem(&self) -> Option<String> {
+        Flow::try_from(self.row.clone()).err().map(|broken| broken.reason)
+    }
+}
+
+/// Every flow, enabled or not, in id order.
+pub async fn all(pool: &MySqlPool) -> Result<Vec<FlowListing>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, code, description, topic, action, CAST(payload_schema AS CHAR) AS payload_schema, \
+         endpoint_url, last_msg_id, enabled <> 0 AS enabled FROM flows ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("a flow with code {0:?} exists already")]
+    Exists(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Inserts a flow with its counter at 0 and returns its id. The caller checks the row first.
+pub async fn add(pool: &MySqlPool, row: &FlowRow, description: &str, enabled: bool) -> Result<u64, AddError> {
+    let added = sqlx::query(
+        "INSERT INTO flows (code, description, topic, action, payload_schema, endpoint_url, last_msg_id, enabled) \
+         VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+    )
+    .bind(&row.code)
+    .bind(description)
+    .bind(&row.topic)
+    .bind(&row.action)
+    .bind(&row.payload_schema)
+    .bind(&row.endpoint_url)
+    .bind(enabled)
+    .execute(pool)
+    .await
+    .map_err(|e| match e.as_database_error().and_then(|d| d.code()) {
+        // Integrity constraint violation: the unique key on `code`.
+        Some(state) if state == "23000" => AddError::Exists(row.code.clone()),
+        _ => AddError::Db(e),
+    })?;
+    Ok(added.last_insert_id())
+}
+
+/// Enables or disables the flow with this code; false when there is none.
+pub async fn set_enabled(pool: &MySqlPool, code: &str, enabled: bool) -> Result<bool, sqlx::Error> {
+    let exists: Option<i32> =
+        sqlx::query_scalar("SELECT id FROM flows WHERE code = ?").bind(code).fetch_optional(pool).await?;
+    if exists.is_none() {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE flows SET enabled = ? WHERE code = ?").bind(enabled).bind(code).execute(pool).await?;
+    Ok(true)
+}
