@@ -181,25 +181,6 @@ impl WriteError {
     }
 }
 
-/// Records that these flows just took messages, in one statement.
-async fn note_activity(
-    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
-    flows: impl Iterator<Item = i32>,
-) -> Result<(), sqlx::Error> {
-    let flows: Vec<i32> = flows.collect();
-    if flows.is_empty() {
-        return Ok(());
-    }
-    let mut upsert =
-        sqlx::QueryBuilder::<sqlx::MySql>::new("INSERT INTO gateway_flow_stats (flow_id, last_message_at) ");
-    upsert.push_values(&flows, |mut row, flow| {
-        row.push_bind(*flow).push("UTC_TIMESTAMP(3)");
-    });
-    upsert.push(" ON DUPLICATE KEY UPDATE last_message_at = VALUES(last_message_at)");
-    upsert.build().execute(&mut **tx).await?;
-    Ok(())
-}
-
 /// Writes `items` (indexes into `all`) in one transaction and returns each one's outcome.
 /// However many bytes the batch holds, it goes in as many statements as the server's
 /// `max_allowed_packet` needs; an item too big for any statement is refused before anything
@@ -251,7 +232,7 @@ async fn transaction(
         outcomes.push((i, Outcome::Written(msg_id)));
     }
     rows.write(&mut tx, &bounds, received_at).await?;
-    note_activity(&mut tx, next_id.keys().copied()).await?;
+    crate::flows::table::note_activity(&mut tx, next_id.keys().copied()).await?;
     tx.commit().await?;
     Ok(outcomes)
 }

@@ -1,12 +1,12 @@
-//! `mqtt-gateway outbox`: list pending or dead POST_ENDPOINT requests, and send dead ones again;
-//! and the outbox's depth per flow for `status`. Every statement on `gateway_outbox` the CLI
-//! makes is here.
+//! `mqtt-gateway outbox`: list pending or dead POST_ENDPOINT requests, and send dead ones
+//! again. The statements themselves are `outbox::queue`'s.
 
 use super::shown_url;
+use crate::outbox::queue;
 use anyhow::bail;
 use clap::Subcommand;
 use serde_json::json;
-use sqlx::{MySqlPool, Row};
+use sqlx::MySqlPool;
 
 #[derive(Subcommand)]
 pub enum OutboxCommand {
@@ -32,20 +32,13 @@ pub enum OutboxCommand {
 pub(super) async fn run(pool: &MySqlPool, command: OutboxCommand) -> anyhow::Result<i32> {
     match command {
         OutboxCommand::List { dead, json } => {
-            let rows = sqlx::query(
-                "SELECT id, flow_code, msg_id, attempts, CAST(created_at AS CHAR), last_error, endpoint_url FROM gateway_outbox \
-                 WHERE dead = ? ORDER BY id LIMIT 1000",
-            )
-            .bind(dead)
-            .fetch_all(pool)
-            .await?;
-            let entries: Vec<_> = rows
-                .iter()
+            let entries: Vec<_> = queue::listing(pool, dead, 1000)
+                .await?
+                .into_iter()
                 .map(|r| {
-                    json!({"id": r.get::<i64, _>(0), "flow_code": r.get::<String, _>(1), "msg_id": r.get::<i32, _>(2),
-                           "attempts": r.get::<i32, _>(3), "created_at": r.get::<String, _>(4),
-                           "last_error": r.get::<Option<String>, _>(5),
-                           "endpoint_url": shown_url(&r.get::<String, _>(6))})
+                    json!({"id": r.id, "flow_code": r.flow_code, "msg_id": r.msg_id,
+                           "attempts": r.attempts, "created_at": r.created_at,
+                           "last_error": r.last_error, "endpoint_url": shown_url(&r.endpoint_url)})
                 })
                 .collect();
             if json {
@@ -73,33 +66,9 @@ pub(super) async fn run(pool: &MySqlPool, command: OutboxCommand) -> anyhow::Res
                     "name the requests to retry, or use --all; `mqtt-gateway outbox list --dead` shows them"
                 );
             }
-            let mut query = sqlx::QueryBuilder::<sqlx::MySql>::new(
-                "UPDATE gateway_outbox SET dead = FALSE, attempts = 0, next_attempt_at = UTC_TIMESTAMP(3) WHERE dead",
-            );
-            if !all {
-                query.push(" AND id IN (");
-                let mut list = query.separated(", ");
-                for id in &ids {
-                    list.push_bind(*id);
-                }
-                query.push(")");
-            }
-            let done = query.build().execute(pool).await?;
-            println!(
-                "{} dead requests queued again; a running gateway sends them within a second",
-                done.rows_affected()
-            );
+            let revived = queue::revive(pool, (!all).then_some(ids.as_slice())).await?;
+            println!("{revived} dead requests queued again; a running gateway sends them within a second");
             Ok(0)
         }
     }
-}
-
-/// Per flow code with requests: how many are pending and how many dead, for `status`.
-pub(super) async fn depths(pool: &MySqlPool) -> anyhow::Result<Vec<(String, i64, i64)>> {
-    let outbox = sqlx::query(
-        "SELECT flow_code, CAST(SUM(NOT dead) AS SIGNED), CAST(SUM(dead) AS SIGNED) FROM gateway_outbox GROUP BY flow_code",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(outbox.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2))).collect())
 }

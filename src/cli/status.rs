@@ -1,8 +1,8 @@
 //! `mqtt-gateway status`: per flow, the counter, the last message time and the rate measured
 //! over an interval, with the outbox's pending and dead requests.
 
-use super::outbox;
 use crate::flows::table::{self, FlowListing};
+use crate::outbox::queue;
 use anyhow::bail;
 use serde_json::json;
 use sqlx::MySqlPool;
@@ -20,12 +20,9 @@ pub(super) async fn run(pool: &MySqlPool, interval: f64, json: bool) -> anyhow::
         let earlier = before.iter().find(|b| b.row.id == f.row.id).map_or(f.last_msg_id, |b| b.last_msg_id);
         f64::from(f.last_msg_id - earlier) / interval
     };
-    let last: Vec<(i32, String)> =
-        sqlx::query_as("SELECT flow_id, CAST(last_message_at AS CHAR) FROM gateway_flow_stats")
-            .fetch_all(pool)
-            .await?;
+    let last = table::last_message_times(pool).await?;
     let last_at = |id: i32| last.iter().find(|(f, _)| *f == id).map(|(_, at)| at.clone());
-    let outbox = outbox::depths(pool).await?;
+    let outbox = queue::depth_by_flow(pool).await?;
     let depth = |code: &str| -> (i64, i64) {
         outbox
             .iter()

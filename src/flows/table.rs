@@ -1,5 +1,6 @@
-//! The `flows` table: every statement on it, for the service (load the enabled flows, advance a
-//! counter) and for the operator's CLI (list, add, enable, disable).
+//! The `flows` table and its companion `gateway_flow_stats`: every statement on them, for the
+//! service (load the enabled flows, advance a counter, note when a flow last took a message)
+//! and for the operator's CLI (list, add, enable, disable, last message times).
 
 use super::{Flow, FlowRow};
 use sqlx::{MySql, MySqlPool, Transaction};
@@ -112,4 +113,30 @@ pub async fn set_enabled(pool: &MySqlPool, code: &str, enabled: bool) -> Result<
     }
     sqlx::query("UPDATE flows SET enabled = ? WHERE code = ?").bind(enabled).bind(code).execute(pool).await?;
     Ok(true)
+}
+
+/// Records that these flows just took messages, in one statement.
+pub async fn note_activity(
+    tx: &mut Transaction<'_, MySql>,
+    flows: impl Iterator<Item = i32>,
+) -> Result<(), sqlx::Error> {
+    let flows: Vec<i32> = flows.collect();
+    if flows.is_empty() {
+        return Ok(());
+    }
+    let mut upsert =
+        sqlx::QueryBuilder::<MySql>::new("INSERT INTO gateway_flow_stats (flow_id, last_message_at) ");
+    upsert.push_values(&flows, |mut row, flow| {
+        row.push_bind(*flow).push("UTC_TIMESTAMP(3)");
+    });
+    upsert.push(" ON DUPLICATE KEY UPDATE last_message_at = VALUES(last_message_at)");
+    upsert.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// When each flow last took a message (`gateway_flow_stats`), as the database prints it.
+pub async fn last_message_times(pool: &MySqlPool) -> Result<Vec<(i32, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT flow_id, CAST(last_message_at AS CHAR) FROM gateway_flow_stats")
+        .fetch_all(pool)
+        .await
 }

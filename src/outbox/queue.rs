@@ -6,7 +6,8 @@
 //! lease row and changes nothing unless this instance still owns it, in the same statement,
 //! so a deliverer that lost its lease cannot undo what the new owner relies on.
 
-use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
+use crate::db::StatementBounds;
+use sqlx::{MySql, MySqlPool, QueryBuilder, Row, Transaction};
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -24,6 +25,51 @@ pub struct Request {
     pub wait: Option<Duration>,
 }
 
+/// One request to queue, in the transaction that moves its flow's counter.
+pub struct NewRequest<'a> {
+    pub flow_id: i32,
+    pub flow_code: &'a str,
+    pub url: &'a str,
+    pub body: &'a str,
+    pub msg_id: i32,
+}
+
+impl NewRequest<'_> {
+    /// What its row costs in a statement (see [`crate::db::row_bytes`]).
+    pub fn bytes(&self) -> usize {
+        row_bytes(self.flow_code, self.url, self.body)
+    }
+}
+
+/// What one request's row costs in a statement.
+pub fn row_bytes(flow_code: &str, url: &str, body: &str) -> usize {
+    crate::db::row_bytes(&[flow_code, url, body], 2)
+}
+
+/// Queues requests, due at once, with statements bounded by bytes and placeholders.
+pub async fn insert(
+    tx: &mut Transaction<'_, MySql>,
+    bounds: &StatementBounds,
+    rows: &[NewRequest<'_>],
+) -> Result<(), sqlx::Error> {
+    for chunk in bounds.chunks(rows, 5, NewRequest::bytes) {
+        let mut insert: QueryBuilder<MySql> = QueryBuilder::new(
+            "INSERT INTO gateway_outbox (flow_id, flow_code, endpoint_url, body, msg_id, created_at, \
+             attempts, next_attempt_at, last_error, dead) ",
+        );
+        insert.push_values(chunk, |mut row, request| {
+            row.push_bind(request.flow_id)
+                .push_bind(request.flow_code)
+                .push_bind(request.url)
+                .push_bind(request.body)
+                .push_bind(request.msg_id)
+                .push("UTC_TIMESTAMP(3), 0, UTC_TIMESTAMP(3), NULL, FALSE");
+        });
+        insert.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// `(pending, dead)` request counts over all flows.
 pub async fn depth(pool: &MySqlPool) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(
@@ -31,6 +77,56 @@ pub async fn depth(pool: &MySqlPool) -> Result<(i64, i64), sqlx::Error> {
     )
     .fetch_one(pool)
     .await
+}
+
+/// Per flow code with requests: how many are pending and how many dead.
+pub async fn depth_by_flow(pool: &MySqlPool) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT flow_code, CAST(SUM(NOT dead) AS SIGNED), CAST(SUM(dead) AS SIGNED) FROM gateway_outbox GROUP BY flow_code",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A request as an operator sees it.
+#[derive(sqlx::FromRow)]
+pub struct Listed {
+    pub id: i64,
+    pub flow_code: String,
+    pub msg_id: i32,
+    pub attempts: i32,
+    pub created_at: String,
+    pub last_error: Option<String>,
+    pub endpoint_url: String,
+}
+
+/// The first `limit` pending (or dead) requests, oldest first.
+pub async fn listing(pool: &MySqlPool, dead: bool, limit: i64) -> Result<Vec<Listed>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, flow_code, msg_id, attempts, CAST(created_at AS CHAR) AS created_at, last_error, endpoint_url \
+         FROM gateway_outbox WHERE dead = ? ORDER BY id LIMIT ?",
+    )
+    .bind(dead)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Makes dead requests (those named, or all with `None`) due again with fresh attempts;
+/// returns how many.
+pub async fn revive(pool: &MySqlPool, ids: Option<&[i64]>) -> Result<u64, sqlx::Error> {
+    let mut query = QueryBuilder::<MySql>::new(
+        "UPDATE gateway_outbox SET dead = FALSE, attempts = 0, next_attempt_at = UTC_TIMESTAMP(3) WHERE dead",
+    );
+    if let Some(ids) = ids {
+        query.push(" AND id IN (");
+        let mut list = query.separated(", ");
+        for id in ids {
+            list.push_bind(*id);
+        }
+        query.push(")");
+    }
+    Ok(query.build().execute(pool).await?.rows_affected())
 }
 
 /// The queue as one instance's deliverers see it: reads, and writes fenced on this instance's
