@@ -124,6 +124,27 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+impl Run {
+    /// A scenario's run, with what the gateway's process spent on it.
+    fn of(
+        gateway: &Gateway,
+        name: &str,
+        messages: u64,
+        seconds: f64,
+        cpu_before: f64,
+        latency_ms: Option<(f64, f64)>,
+    ) -> Run {
+        Run {
+            name: name.to_owned(),
+            messages,
+            seconds,
+            cpu_seconds: cpu_seconds(gateway.pid()) - cpu_before,
+            peak_rss_kib: testkit::proc_status_kib(gateway.pid(), "VmHWM"),
+            latency_ms,
+        }
+    }
+}
+
 impl Bench {
     /// Requests per second the echo server answers over keep-alive connections, `concurrency`
     /// at a time, with the body the POST_ENDPOINT scenarios send.
@@ -261,14 +282,7 @@ impl Bench {
         let seconds = started.elapsed().as_secs_f64();
         eprintln!("{name}: {messages} messages in {seconds:.1}s");
         publisher.await??;
-        Ok(Run {
-            name: name.to_owned(),
-            messages,
-            seconds,
-            cpu_seconds: cpu_seconds(gateway.pid()) - cpu_before,
-            peak_rss_kib: testkit::proc_status_kib(gateway.pid(), "VmHWM"),
-            latency_ms: None,
-        })
+        Ok(Run::of(&gateway, name, messages, seconds, cpu_before, None))
     }
 
     /// Publishes one message per millisecond and measures each one's time to its commit
@@ -330,14 +344,7 @@ impl Bench {
             .collect();
         latencies.sort_by(f64::total_cmp);
         let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
-        Ok(Run {
-            name: name.to_owned(),
-            messages,
-            seconds,
-            cpu_seconds: cpu_seconds(gateway.pid()) - cpu_before,
-            peak_rss_kib: testkit::proc_status_kib(gateway.pid(), "VmHWM"),
-            latency_ms: Some((pick(0.5), pick(0.99))),
-        })
+        Ok(Run::of(&gateway, name, messages, seconds, cpu_before, Some((pick(0.5), pick(0.99)))))
     }
 }
 

@@ -8,6 +8,10 @@
 //! Every value is checked here, once: numbers against their ranges (so that no setting can
 //! panic the process later, say by overflowing a `Duration`), TLS settings against each other.
 //! An error names the variable to fix.
+//!
+//! One concept, and long for it: some forty settings each with its default, range and check,
+//! and the tests that pin them (over a quarter of the file). Split by topic, the ranges and the
+//! cross-checks between settings would be spread over several files.
 
 use serde::Deserialize;
 use std::fmt;

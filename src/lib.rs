@@ -11,13 +11,14 @@
 //! - [`processor`]: the loop only: receive a batch, decode, match, render, commit, report, ack.
 //! - [`payload`]: what a payload must be (UTF-8 text holding a JSON object) and its decoding.
 //! - [`flows`]: flow rows checked into flows that can work; topic filters; payload schemas;
-//!   `flows/table.rs`, every statement on the `flows` table.
+//!   `flows/table.rs`, every statement on the `flows` and `gateway_flow_stats` tables.
 //! - [`sinks`]: one file per action (`store_db`, `post_endpoint`): what it renders of a payload
 //!   and the rows it writes; `Effect` and `Item`, what a rendered message is.
 //! - [`commit`]: one transaction for a batch (counters, then each sink's rows) in statements
 //!   bounded by `max_allowed_packet`; holding the stream while the database cannot write, and
 //!   splitting a batch to find the message at fault.
-//! - [`outbox`]: durable delivery of POST_ENDPOINT requests, with retries and leases.
+//! - [`outbox`]: durable delivery of POST_ENDPOINT requests, with retries and leases;
+//!   `outbox/queue.rs`, every statement on the outbox tables.
 //! - [`pyfmt`]: the Python renderings of values the original stored and sent.
 //! - [`db`]: the pool; queries on `mqtt_servers` and `gateway_subscriptions`; how big a
 //!   statement may be; whose fault a failed write is (a message's data, or the database, which

@@ -27,9 +27,10 @@
 //! fails permanently (a 4xx other than 408 and 429) gets three attempts; any request is dead
 //! after `HTTP_MAX_ATTEMPTS` attempts or once older than `HTTP_MAX_AGE_SECONDS`.
 //!
-//! This file is the scheduler (which flow is delivered when, and in what order); `queue`
-//! holds the SQL of both outbox tables, `lease` one delivery's hold on its flow, and `http`
-//! one POST and how its failure is judged.
+//! This file is the scheduler (which flow is delivered when, and in what order) and the
+//! delivery rounds, a little over 400 lines because each ordering and recording rule carries
+//! its reason; `queue` holds the SQL of both outbox tables, `lease` one delivery's hold on its
+//! flow, and `http` one POST and how its failure is judged.
 
 mod http;
 mod lease;

@@ -186,17 +186,7 @@ impl GaleraNode {
 
     /// Runs SQL as root with the `mariadb` command-line client.
     pub fn sql(&self, statements: &str) -> anyhow::Result<String> {
-        let client = crate::find_program("mariadb")
-            .or_else(|| crate::find_program("mysql"))
-            .context("the mariadb client is not installed (Debian: apt-get install -y mariadb-client)")?;
-        let out = Command::new(client)
-            .arg(format!("--socket={}", self.socket.display()))
-            .args(["-uroot", "--batch", "--skip-column-names", "-e", statements])
-            .output()?;
-        if !out.status.success() {
-            bail!("SQL failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::mariadb::sql_on_socket(&self.socket, statements)
     }
 
     pub fn dir(&self) -> &Path {

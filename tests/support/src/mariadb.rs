@@ -141,17 +141,7 @@ impl MariaDb {
 
     /// Runs SQL as root with the `mariadb` command-line client.
     pub fn sql(&self, statements: &str) -> anyhow::Result<String> {
-        let client = crate::find_program("mariadb")
-            .or_else(|| crate::find_program("mysql"))
-            .context("the mariadb client is not installed (Debian: apt-get install -y mariadb-client)")?;
-        let out = Command::new(client)
-            .arg(format!("--socket={}", self.socket.display()))
-            .args(["-uroot", "--batch", "--skip-column-names", "-e", statements])
-            .output()?;
-        if !out.status.success() {
-            bail!("SQL failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        sql_on_socket(&self.socket, statements)
     }
 
     /// Creates a database and a user with all rights on it, reachable over TCP.
@@ -185,4 +175,19 @@ fn user_arg() -> Vec<String> {
     } else {
         Vec::new()
     }
+}
+
+/// Runs SQL as root over a server's unix socket with the `mariadb` command-line client.
+pub(crate) fn sql_on_socket(socket: &std::path::Path, statements: &str) -> anyhow::Result<String> {
+    let client = crate::find_program("mariadb")
+        .or_else(|| crate::find_program("mysql"))
+        .context("the mariadb client is not installed (Debian: apt-get install -y mariadb-client)")?;
+    let out = Command::new(client)
+        .arg(format!("--socket={}", socket.display()))
+        .args(["-uroot", "--batch", "--skip-column-names", "-e", statements])
+        .output()?;
+    if !out.status.success() {
+        bail!("SQL failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
