@@ -11,6 +11,9 @@
 //!
 //! Needs root, `systemd-container` and `debootstrap` (`.ci/run` installs both). The container
 //! root is made once per machine; a run takes about 2 minutes after the release build.
+//!
+//! Longer than our other files: ten checks that read top to bottom like one operator's session
+//! with the unit, each a few dozen lines; the container itself lives in `nspawn`.
 
 use crate::nspawn::{self, Container};
 use crate::{cargo, root};
