@@ -10,7 +10,7 @@
 //! HTTP client spends per request, both measured in the same run.
 //!
 //! `BENCH_ONLY=post` or `BENCH_ONLY=store` runs one full-speed scenario alone, long enough to
-//! profile the gateway under it (`perf record -p <gateway pid>`); `BENCH_ONLY=latency` the two
+//! profile the gateway under it (`perf record -p <gateway pid>`); `BENCH_ONLY=latency` the
 //! fixed-rate ones.
 //!
 //! A little over 400 lines: a bench target is one file, and the scenarios, the two reference
