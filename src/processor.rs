@@ -4,8 +4,9 @@
 //! ([`crate::sinks`]), writes the whole batch ([`crate::commit`]), reports each message's
 //! outcome, and only then acknowledges the batch's messages to the broker.
 //!
-//! It runs on its own task, fed by a bounded channel, so that database and HTTP latency never
-//! reach the MQTT event loop (where the original processed messages, stalling its keepalive).
+//! It runs on its own task, fed by a channel that the in-flight window bounds, so that
+//! database latency never reaches the broker session (the original processed messages in its
+//! MQTT callback, stalling its keepalive).
 //! Batches are handled one after another in arrival order, so counters are assigned in that
 //! order and acknowledgements leave in the order MQTT requires.
 
