@@ -4,11 +4,13 @@
 //!
 //! Every change a deliverer makes to a request is fenced on its lease: it joins the flow's
 //! lease row and changes nothing unless this instance still owns it, in the same statement,
-//! so a deliverer that lost its lease cannot undo what the new owner relies on.
+//! so a deliverer that lost its lease cannot undo what the new owner relies on. A deliverer's
+//! writes are run again after a conflict with another instance's write (see [`retrying`]).
 
-use crate::db::StatementBounds;
+use crate::db::{self, StatementBounds};
 use sqlx::{MySql, MySqlPool, QueryBuilder, Row, Transaction};
 use std::collections::HashSet;
+use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -189,17 +191,20 @@ impl Queue {
         if ids.is_empty() {
             return Ok(true);
         }
-        let mut delete: QueryBuilder<MySql> = QueryBuilder::new(
-            "DELETE o FROM gateway_outbox AS o JOIN gateway_outbox_leases AS l ON l.flow_id = o.flow_id \
-             WHERE l.owner = ",
-        );
-        delete.push_bind(&self.owner).push(" AND o.flow_id = ").push_bind(flow).push(" AND o.id IN (");
-        let mut separated = delete.separated(", ");
-        for id in ids {
-            separated.push_bind(*id);
-        }
-        delete.push(")");
-        let done = delete.build().execute(&self.pool).await?;
+        let done = retrying(|| {
+            let mut delete: QueryBuilder<MySql> = QueryBuilder::new(
+                "DELETE o FROM gateway_outbox AS o JOIN gateway_outbox_leases AS l ON l.flow_id = o.flow_id \
+                 WHERE l.owner = ",
+            );
+            delete.push_bind(&self.owner).push(" AND o.flow_id = ").push_bind(flow).push(" AND o.id IN (");
+            let mut separated = delete.separated(", ");
+            for id in ids {
+                separated.push_bind(*id);
+            }
+            delete.push(")");
+            async move { delete.build().execute(&self.pool).await }
+        })
+        .await?;
         Ok(done.rows_affected() == ids.len() as u64)
     }
 
@@ -213,19 +218,21 @@ impl Queue {
         dead: bool,
         delay: Duration,
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE gateway_outbox AS o JOIN gateway_outbox_leases AS l ON l.flow_id = o.flow_id \
-             SET o.attempts = ?, o.last_error = ?, o.dead = ?, \
-             o.next_attempt_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND \
-             WHERE l.owner = ? AND o.id = ?",
-        )
-        .bind(attempts as i32)
-        .bind(error)
-        .bind(dead)
-        .bind(delay.as_micros() as i64)
-        .bind(&self.owner)
-        .bind(id)
-        .execute(&self.pool)
+        let done = retrying(|| {
+            sqlx::query(
+                "UPDATE gateway_outbox AS o JOIN gateway_outbox_leases AS l ON l.flow_id = o.flow_id \
+                 SET o.attempts = ?, o.last_error = ?, o.dead = ?, \
+                 o.next_attempt_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND \
+                 WHERE l.owner = ? AND o.id = ?",
+            )
+            .bind(attempts as i32)
+            .bind(error)
+            .bind(dead)
+            .bind(delay.as_micros() as i64)
+            .bind(&self.owner)
+            .bind(id)
+            .execute(&self.pool)
+        })
         .await?;
         Ok(done.rows_affected() != 0)
     }
@@ -273,11 +280,40 @@ impl Queue {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Gives the lease back; one that cannot be given back runs out by itself.
     pub async fn release(&self, flow: i32) {
-        let _ = sqlx::query("DELETE FROM gateway_outbox_leases WHERE flow_id = ? AND owner = ?")
-            .bind(flow)
-            .bind(&self.owner)
-            .execute(&self.pool)
-            .await;
+        let _ = retrying(|| {
+            sqlx::query("DELETE FROM gateway_outbox_leases WHERE flow_id = ? AND owner = ?")
+                .bind(flow)
+                .bind(&self.owner)
+                .execute(&self.pool)
+        })
+        .await;
+    }
+}
+
+/// Conflicts one statement is run again after.
+const CONFLICT_RETRIES: u32 = 5;
+
+/// Runs one autocommitted statement, and again after a conflict (a deadlock, or a Galera
+/// certification conflict with another instance's write; the statement was rolled back, so
+/// running it again is running it once), up to [`CONFLICT_RETRIES`] times. Seen in the Galera
+/// scenario: a delivery whose DELETE lost such a race counted as failed to record, and the
+/// next holder sent its requests again.
+async fn retrying<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut conflicts = 0;
+    loop {
+        match statement().await {
+            Err(error) if db::conflict(&error) && conflicts < CONFLICT_RETRIES => {
+                conflicts += 1;
+                tracing::debug!("Outbox write conflict ({error}); running it again");
+                tokio::time::sleep(Duration::from_millis(rand::random_range(5..50))).await;
+            }
+            done => return done,
+        }
     }
 }

@@ -202,6 +202,7 @@ async fn three_gateways_on_three_galera_nodes_lose_nothing_through_a_crash_and_a
     world.cluster.stop_node(2);
     eprintln!("instance 0 killed, node 3 stopped at {:.1}s", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_log = gateways[0].logs();
     gateways[0] = world.spawn(0);
     wait_ready(&gateways[0]);
     tokio::task::block_in_place(|| world.cluster.start_node(2)).expect("node 3 rejoins");
@@ -227,6 +228,20 @@ async fn three_gateways_on_three_galera_nodes_lose_nothing_through_a_crash_and_a
     // Let a late duplicate show up, and the outbox settle.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    // What the outboxes said about leases and recording, for a failure's message.
+    let outbox_lines: Vec<String> = std::iter::once(killed_log)
+        .chain(gateways.iter().map(Gateway::logs))
+        .enumerate()
+        .flat_map(|(i, log)| {
+            log.lines()
+                .filter(|l| l.contains("Outbox"))
+                .map(|l| {
+                    format!("[{}] {l}", if i == 0 { "killed 0".to_owned() } else { (i - 1).to_string() })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    eprintln!("the outboxes said:\n{}", outbox_lines.join("\n"));
     let all: BTreeSet<u32> = (1..=MESSAGES).collect();
     for topic in TOPICS {
         let (store, post) = (format!("S_{topic}"), format!("P_{topic}"));
@@ -269,8 +284,9 @@ async fn three_gateways_on_three_galera_nodes_lose_nothing_through_a_crash_and_a
             assert!(
                 *last - *first <= Duration::from_millis(100),
                 "{post}: requests sent twice outside a redelivery, first sent over {:?} (more than one \
-                 recording window): {resent:?}",
-                *last - *first
+                 recording window): {resent:?}\nthe outboxes said:\n{}",
+                *last - *first,
+                outbox_lines.join("\n")
             );
         }
         let requests: usize = sent.values().sum();
