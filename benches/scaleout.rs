@@ -7,6 +7,7 @@
 //! sets the messages per run; a run that has not finished after `RUN_LIMIT` reports the rate
 //! it reached.
 
+use mqtt_gateway::flows::{self, FlowRow};
 use serde_json::json;
 use sqlx::MySqlPool;
 use std::time::{Duration, Instant};
@@ -99,15 +100,15 @@ impl Engine {
         let mut topics = Vec::new();
         for k in 0..flows {
             let topic = format!("scale/{tag}/{k}");
-            let done = sqlx::query(
-                "INSERT INTO flows (code, description, topic, action, payload_schema, endpoint_url, last_msg_id, enabled) \
-                 VALUES (?, 'benchmark', ?, 'STORE_DB', '{}', NULL, 0, TRUE)",
-            )
-            .bind(format!("{tag}_{k}"))
-            .bind(&topic)
-            .execute(&self.pool)
-            .await?;
-            ids.push(done.last_insert_id() as i32);
+            let row = FlowRow {
+                id: 0,
+                code: format!("{tag}_{k}"),
+                topic: topic.clone(),
+                action: "STORE_DB".to_owned(),
+                payload_schema: Some("{}".to_owned()),
+                endpoint_url: None,
+            };
+            ids.push(flows::table::add(&self.pool, &row, "benchmark", true).await? as i32);
             topics.push(topic);
         }
         let gateways: Vec<Gateway> =

@@ -16,6 +16,7 @@
 //! A little over 400 lines: a bench target is one file, and the scenarios, the two reference
 //! measurements and the report belong together.
 
+use mqtt_gateway::flows::{self, FlowRow};
 use serde_json::json;
 use sqlx::MySqlPool;
 use std::time::{Duration, Instant};
@@ -223,17 +224,16 @@ impl Bench {
         let topic = format!("bench/{code}");
         let path = format!("/bench/{code}");
         let url = (action == "POST_ENDPOINT").then(|| self.echo.url(&path));
-        let done = sqlx::query(
-            "INSERT INTO flows (code, description, topic, action, payload_schema, endpoint_url, last_msg_id, enabled) \
-             VALUES (?, 'benchmark', ?, ?, '{}', ?, 0, TRUE)",
-        )
-        .bind(code)
-        .bind(&topic)
-        .bind(action)
-        .bind(url)
-        .execute(&self.pool)
-        .await?;
-        Ok((done.last_insert_id() as i32, topic, path))
+        let row = FlowRow {
+            id: 0,
+            code: code.to_owned(),
+            topic: topic.clone(),
+            action: action.to_owned(),
+            payload_schema: Some("{}".to_owned()),
+            endpoint_url: url,
+        };
+        let id = flows::table::add(&self.pool, &row, "benchmark", true).await?;
+        Ok((id as i32, topic, path))
     }
 
     async fn counter(&self, flow: i32) -> anyhow::Result<i64> {

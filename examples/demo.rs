@@ -6,6 +6,7 @@
 //! readings and shows the rows, the counters and the POSTs received. It then keeps running
 //! until Ctrl-C, so you can publish more yourself; `--check` makes it verify and exit instead.
 
+use mqtt_gateway::flows::{self, FlowRow};
 use sqlx::Row;
 use std::time::Duration;
 use testkit::mariadb::Durability;
@@ -62,16 +63,15 @@ async fn demo(check: bool) -> anyhow::Result<()> {
         ("AHT10_SENSOR", "STORE_DB", r#"{"temperature": "float", "humidity": "float"}"#, None),
         ("AHT10_ENDPOINT", "POST_ENDPOINT", r#"{"temperature": "float"}"#, Some(endpoint.as_str())),
     ] {
-        sqlx::query(
-            "INSERT INTO flows (code, description, topic, action, payload_schema, endpoint_url, last_msg_id, enabled) \
-             VALUES (?, 'demo flow', 'sensors/aht10', ?, ?, ?, 0, TRUE)",
-        )
-        .bind(code)
-        .bind(action)
-        .bind(schema)
-        .bind(url)
-        .execute(&pool)
-        .await?;
+        let row = FlowRow {
+            id: 0,
+            code: code.to_owned(),
+            topic: "sensors/aht10".to_owned(),
+            action: action.to_owned(),
+            payload_schema: Some(schema.to_owned()),
+            endpoint_url: url.map(str::to_owned),
+        };
+        flows::table::add(&pool, &row, "demo flow", true).await?;
     }
 
     let metrics_port = testkit::free_port();

@@ -7,6 +7,7 @@
 //! headless Chromium on the Grafana dashboard's throughput query and saves the screenshot.
 //! Needs the Debian packages `prometheus` and `chromium` besides the demo's.
 
+use mqtt_gateway::flows::{self, FlowRow};
 use std::time::{Duration, Instant};
 use testkit::mariadb::Durability;
 use testkit::{EchoServer, Gateway, GatewayDb, Login, MariaDb, Mosquitto, Prometheus, Publisher};
@@ -67,16 +68,15 @@ async fn run_traffic() -> anyhow::Result<(Prometheus, Services)> {
         ("BME280_SENSOR", "sensors/bme280", "STORE_DB", None),
         ("DOOR_ALERTS", "alerts/door", "POST_ENDPOINT", Some(endpoint.as_str())),
     ] {
-        sqlx::query(
-            "INSERT INTO flows (code, description, topic, action, payload_schema, endpoint_url, last_msg_id, enabled) \
-             VALUES (?, 'screenshot flow', ?, ?, '{}', ?, 0, TRUE)",
-        )
-        .bind(code)
-        .bind(topic)
-        .bind(action)
-        .bind(url)
-        .execute(&pool)
-        .await?;
+        let row = FlowRow {
+            id: 0,
+            code: code.to_owned(),
+            topic: topic.to_owned(),
+            action: action.to_owned(),
+            payload_schema: Some("{}".to_owned()),
+            endpoint_url: url.map(str::to_owned),
+        };
+        flows::table::add(&pool, &row, "screenshot flow", true).await?;
     }
     let metrics_port = testkit::free_port();
     let env = shot_db.env_with(&[("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))]);

@@ -269,10 +269,11 @@ async fn three_gateways_on_three_galera_nodes_lose_nothing_through_a_crash_and_a
         // endpoint's speed. So their first copies all arrived within about that window (a
         // request's own time and a loaded machine's jitter allowed for).
         let resent: Vec<&u32> = posted_twice.difference(&stored_twice).collect();
+        let received = world.echo.requests(&format!("/{topic}"));
         let first_arrivals: Vec<std::time::Instant> = resent
             .iter()
             .filter_map(|i| {
-                world.echo.requests(&format!("/{topic}")).into_iter().find(|r| {
+                received.iter().find(|r| {
                     serde_json::from_slice::<serde_json::Value>(&r.body).ok().and_then(|b| b["i"].as_u64())
                         == Some(u64::from(**i))
                 })
