@@ -64,6 +64,9 @@ let
       MQTT_QOS = toString cfg.mqtt.qos;
       MQTT_CLEAN_SESSION = lib.boolToString cfg.mqtt.cleanSession;
       MQTT_SHARED_GROUP = cfg.mqtt.sharedGroup;
+      MQTT_PROTOCOL = cfg.mqtt.protocol;
+      MQTT_SESSION_EXPIRY_SECONDS =
+        if cfg.mqtt.sessionExpiry == null then null else toString cfg.mqtt.sessionExpiry;
       MQTT_TLS = lib.boolToString cfg.mqtt.tls.enable;
       # Interpolation copies a path literal into the store (a public file; it then stays in the
       # system closure) and leaves a string as it is.
@@ -201,7 +204,7 @@ in
         description = "Broker port seeded into an empty `mqtt_servers` table (`MQTT_DEFAULT_PORT`).";
       };
       clientId = mkOption {
-        type = types.nullOr types.nonEmptyStr;
+        type = types.nullOr (types.strMatching ".{1,191}");
         default = null;
         description = "MQTT client id (`MQTT_CLIENT_ID`); by default `mqtt-gateway`, or `mqtt-gateway-<hostname>` with a shared group.";
       };
@@ -224,9 +227,23 @@ in
         description = "Ask the broker not to keep the session (`MQTT_CLEAN_SESSION`); messages sent while the gateway is away are then lost.";
       };
       sharedGroup = mkOption {
-        type = types.nullOr (types.strMatching "[^/+#]+");
+        type = types.nullOr (types.strMatching "[^/+#]{1,200}");
         default = null;
-        description = "Shared subscription group, to spread the load over several gateways (`MQTT_SHARED_GROUP`); no `/`, `+` or `#`.";
+        description = "Shared subscription group, to spread the load over several gateways (`MQTT_SHARED_GROUP`); no `/`, `+` or `#`, at most 200 characters. Changing it is safe: each gateway unsubscribes the old group's filters when it starts.";
+      };
+      protocol = mkOption {
+        type = types.enum [
+          "5"
+          "3.1.1"
+        ];
+        default = "5";
+        description = "MQTT version asked for first (`MQTT_PROTOCOL`); a broker that refuses 5 gets 3.1.1, with one warning.";
+      };
+      sessionExpiry = mkOption {
+        type = types.nullOr types.ints.u32;
+        default = null;
+        example = 604800;
+        description = "MQTT 5: seconds the broker keeps the gateway's session, and queues its messages, after it disconnects (`MQTT_SESSION_EXPIRY_SECONDS`); null: never ends. Lets the queue of a decommissioned gateway end; not with `cleanSession`.";
       };
       tls = {
         enable = mkEnableOption "TLS to the broker (server certificate and name always verified)";
@@ -378,6 +395,10 @@ in
       {
         assertion = !cfg.database.createLocally || cfg.database.passwordFile == null;
         message = "services.mqtt-gateway: database.createLocally authenticates over the Unix socket without a password; remove database.passwordFile.";
+      }
+      {
+        assertion = !(cfg.mqtt.cleanSession && cfg.mqtt.sessionExpiry != null);
+        message = "services.mqtt-gateway: mqtt.sessionExpiry has no meaning with mqtt.cleanSession, whose session ends with the connection; set one of them.";
       }
       {
         assertion = (cfg.mqtt.tls.clientCertFile == null) == (cfg.mqtt.tls.clientKeyFile == null);

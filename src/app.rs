@@ -80,8 +80,11 @@ async fn run_with_pool(
     {
         tracing::info!("mqtt_servers was empty: added the default broker {host}:{port}");
     }
-    let flows =
-        FlowSet::from_rows(flows::table::enabled(&pool).await.context("cannot load flows").map_err(startup)?);
+    // The version first: a change made after it is read is followed at once.
+    let flows_version =
+        flows::table::version(&pool).await.context("cannot read gateway_flows_version").map_err(startup)?;
+    let rows = flows::table::enabled(&pool).await.context("cannot load flows").map_err(startup)?;
+    let flows = FlowSet::from_rows(rows.clone());
     let broker = db::choose_broker(&pool)
         .await
         .context("cannot read mqtt_servers")
@@ -97,7 +100,8 @@ async fn run_with_pool(
         );
     }
     let subscriptions = Subscriptions::new(&settings.mqtt);
-    let target = mqtt::target(&settings.mqtt, &broker).context("MQTT TLS").map_err(startup)?;
+    let target =
+        mqtt::target(&settings.mqtt, &broker, settings.max_in_flight).context("MQTT TLS").map_err(startup)?;
     let (flows_tx, flows_rx) = watch::channel(Arc::new(flows));
     // Unbounded: the in-flight window bounds what is in hand, in messages and in bytes.
     let (messages_tx, messages_rx) = mpsc::unbounded_channel();
@@ -113,26 +117,25 @@ async fn run_with_pool(
         ),
         _ => None,
     };
-    // A clean session is never kept by the broker: nothing to remember.
-    let memory = match settings.mqtt.clean_session {
-        true => None,
-        false => Some(
-            mqtt::Memory::load(pool.clone(), settings.mqtt.client_id.clone())
-                .await
-                .context("cannot read gateway_subscriptions")
-                .map_err(startup)?,
-        ),
-    };
+    // A clean session is never kept by the broker: it holds nothing of earlier connections.
+    let held = (!settings.mqtt.clean_session)
+        .then(|| mqtt::Held::start(pool.clone(), settings.mqtt.client_id.clone()));
+    if settings.mqtt.protocol == mqtt::Version::V311 && settings.mqtt.session_expiry.is_some() {
+        tracing::warn!(
+            "MQTT_SESSION_EXPIRY_SECONDS has no effect with MQTT 3.1.1: the broker's own setting decides"
+        );
+    }
     let (mut session, subscriber, acker) = BrokerSession::new(
         target,
         subscriptions,
         flows_rx.clone(),
         messages_tx,
         window,
-        memory,
+        held,
         Arc::clone(&health),
     );
-    let mut reloader = Reloader::new(pool.clone(), flows_tx, subscriber, Arc::clone(&health));
+    let mut reloader =
+        Reloader::new(pool.clone(), flows_tx, rows, flows_version, subscriber, Arc::clone(&health));
     reloader.report_broken(&flows_rx.borrow().broken);
 
     let wake_outbox = Arc::new(OutboxSignal::default());
@@ -175,10 +178,11 @@ async fn run_with_pool(
     {
         let flows = flows_rx.borrow();
         tracing::info!(
-            "Gateway ready: {} flows on {} topic filters, broker {}",
+            "Gateway ready: {} flows on {} topic filters, broker {} (MQTT {})",
             flows.flows.len(),
             flows.filters().len(),
-            session.address()
+            session.address(),
+            session.version().name()
         );
         health.set_ready();
         systemd::ready(&systemd::describe(&health, &flows));

@@ -159,6 +159,9 @@ pub enum Outcome {
     TooBig(String),
     /// Refused by the server for its values (see [`db::Blame::Data`]), written alone.
     Refused(String),
+    /// A retained message its flow already stored, sent again by the broker for a new
+    /// subscription: acknowledged, not stored again (see [`crate::retained`]).
+    AlreadyStored,
 }
 
 /// Why a batch was not written.
@@ -201,11 +204,16 @@ async fn transaction(
     for &i in items {
         match all[i].effect.too_big(&all[i].flow, &bounds) {
             Some(reason) => outcomes.push((i, Outcome::TooBig(reason))),
-            None => {
-                *counts.entry(all[i].flow.id).or_default() += 1;
-                writable.push(i);
-            }
+            None => writable.push(i),
         }
+    }
+    let resent = crate::retained::resends(&mut tx, all, &writable).await?;
+    if !resent.is_empty() {
+        writable.retain(|i| !resent.contains(i));
+        outcomes.extend(resent.into_iter().map(|i| (i, Outcome::AlreadyStored)));
+    }
+    for &i in &writable {
+        *counts.entry(all[i].flow.id).or_default() += 1;
     }
     // The next id to hand out per flow; absent when the flow row is gone.
     let mut next_id: HashMap<i32, i32> = HashMap::new();
@@ -232,6 +240,7 @@ async fn transaction(
         outcomes.push((i, Outcome::Written(msg_id)));
     }
     rows.write(&mut tx, &bounds, received_at).await?;
+    crate::retained::remember(&mut tx, &bounds, rows.items()).await?;
     crate::flows::table::note_activity(&mut tx, next_id.keys().copied()).await?;
     tx.commit().await?;
     Ok(outcomes)

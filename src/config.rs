@@ -77,6 +77,8 @@ struct Raw {
     #[serde(default)]
     mqtt_clean_session: bool,
     mqtt_shared_group: Option<String>,
+    mqtt_protocol: Option<String>,
+    mqtt_session_expiry_seconds: Option<u64>,
     metrics_addr: Option<String>,
     #[serde(default)]
     mqtt_tls: bool,
@@ -167,6 +169,9 @@ mod defaults {
 
 /// The client id of the original, used unless `MQTT_CLIENT_ID` or a shared group says otherwise.
 pub const DEFAULT_CLIENT_ID: &str = "mqtt-gateway";
+/// Longest `MQTT_CLIENT_ID` and `MQTT_SHARED_GROUP`: what the tables that name them hold.
+const MAX_CLIENT_ID: usize = 191;
+const MAX_SHARED_GROUP: usize = 200;
 
 /// Everything the gateway needs to know before it starts.
 #[derive(Debug, Clone)]
@@ -265,6 +270,27 @@ pub struct MqttSettings {
     /// True when the operator chose the client id, rather than the default or a derived one.
     pub client_id_explicit: bool,
     pub tls: Option<TlsSettings>,
+    /// The version asked for first; a broker that refuses 5 gets 3.1.1.
+    pub protocol: MqttVersion,
+    /// MQTT 5: how long the broker keeps the session after a disconnect; `None`: never ends.
+    pub session_expiry: Option<u32>,
+}
+
+/// `MQTT_PROTOCOL`: the MQTT version the gateway asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttVersion {
+    V5,
+    V311,
+}
+
+impl MqttVersion {
+    /// As `MQTT_PROTOCOL` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MqttVersion::V5 => "5",
+            MqttVersion::V311 => "3.1.1",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -337,7 +363,38 @@ impl Settings {
                     reason: "cannot contain '/', '+' or '#'".into(),
                 });
             }
+            // A shared form of a 255-character filter must fit gateway_session_filters.
+            if group.chars().count() > MAX_SHARED_GROUP {
+                return Err(ConfigError::Invalid {
+                    name: "MQTT_SHARED_GROUP".into(),
+                    reason: format!("must be at most {MAX_SHARED_GROUP} characters"),
+                });
+            }
         }
+        let protocol = match raw.mqtt_protocol.as_deref().map(str::trim) {
+            None | Some("") | Some("5") => MqttVersion::V5,
+            Some("3.1.1") => MqttVersion::V311,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "MQTT_PROTOCOL".into(),
+                    reason: format!("must be 5 or 3.1.1, not {other:?}"),
+                })
+            }
+        };
+        let session_expiry =
+            match raw.mqtt_session_expiry_seconds {
+                None => None,
+                Some(_) if raw.mqtt_clean_session => return Err(ConfigError::Invalid {
+                    name: "MQTT_SESSION_EXPIRY_SECONDS".into(),
+                    reason:
+                        "has no meaning with MQTT_CLEAN_SESSION=true, whose session ends with the connection"
+                            .into(),
+                }),
+                Some(seconds) => Some(u32::try_from(seconds).map_err(|_| ConfigError::Invalid {
+                    name: "MQTT_SESSION_EXPIRY_SECONDS".into(),
+                    reason: format!("must be between 0 and {} (which means never)", u32::MAX),
+                })?),
+            };
         let metrics_addr = match raw.metrics_addr.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
             None => None,
             Some(addr) => Some(addr.parse().map_err(|e| ConfigError::Invalid {
@@ -354,6 +411,13 @@ impl Settings {
             (None, Some(_)) => format!("{DEFAULT_CLIENT_ID}-{}", hostname()),
             (None, None) => DEFAULT_CLIENT_ID.to_owned(),
         };
+        // The client id names rows in gateway_session_filters and gateway_outbox_leases.
+        if client_id.chars().count() > MAX_CLIENT_ID {
+            return Err(ConfigError::Invalid {
+                name: "MQTT_CLIENT_ID".into(),
+                reason: format!("must be at most {MAX_CLIENT_ID} characters (this one is {client_id:?})"),
+            });
+        }
         let tls = raw.mqtt_tls.then(|| -> Result<TlsSettings, ConfigError> {
             let client_auth = match (&raw.mqtt_client_cert, &raw.mqtt_client_key) {
                 (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
@@ -388,6 +452,8 @@ impl Settings {
                 shared_group,
                 client_id_explicit,
                 tls,
+                protocol,
+                session_expiry,
             },
             reload_interval: ranges.reload_interval,
             default_broker: (raw.mqtt_default_host, raw.mqtt_default_port),
@@ -687,6 +753,45 @@ mod tests {
         assert_eq!((s.mqtt.client_id.as_str(), s.mqtt.client_id_explicit), ("a", true));
         let s = Settings::from_vars(vars(&[])).unwrap();
         assert_eq!(s.mqtt.client_id, "mqtt-gateway", "drop-in default without a group");
+    }
+
+    #[test]
+    fn mqtt_5_is_the_default_and_3_1_1_can_be_asked_for() {
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        assert_eq!((s.mqtt.protocol, s.mqtt.session_expiry), (MqttVersion::V5, None));
+        let s = Settings::from_vars(vars(&[("MQTT_PROTOCOL", "3.1.1")])).unwrap();
+        assert_eq!(s.mqtt.protocol, MqttVersion::V311);
+        for wrong in ["4", "3.1", "v5", "mqtt5"] {
+            let err = Settings::from_vars(vars(&[("MQTT_PROTOCOL", wrong)])).unwrap_err().to_string();
+            assert!(err.contains("MQTT_PROTOCOL: must be 5 or 3.1.1"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_session_expiry_is_a_u32_and_needs_a_persistent_session() {
+        let s = Settings::from_vars(vars(&[("MQTT_SESSION_EXPIRY_SECONDS", "86400")])).unwrap();
+        assert_eq!(s.mqtt.session_expiry, Some(86_400));
+        let s = Settings::from_vars(vars(&[("MQTT_SESSION_EXPIRY_SECONDS", "4294967295")])).unwrap();
+        assert_eq!(s.mqtt.session_expiry, Some(u32::MAX));
+        let err = Settings::from_vars(vars(&[("MQTT_SESSION_EXPIRY_SECONDS", "4294967296")])).unwrap_err();
+        assert!(err.to_string().contains("between 0 and 4294967295"), "{err}");
+        let err = Settings::from_vars(vars(&[
+            ("MQTT_SESSION_EXPIRY_SECONDS", "60"),
+            ("MQTT_CLEAN_SESSION", "true"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("no meaning with MQTT_CLEAN_SESSION=true"), "{err}");
+    }
+
+    #[test]
+    fn client_ids_and_shared_groups_must_fit_the_tables_that_name_them() {
+        let long = "x".repeat(192);
+        let err = Settings::from_vars(vars(&[("MQTT_CLIENT_ID", &long)])).unwrap_err().to_string();
+        assert!(err.contains("MQTT_CLIENT_ID: must be at most 191 characters"), "{err}");
+        let long = "g".repeat(201);
+        let err = Settings::from_vars(vars(&[("MQTT_SHARED_GROUP", &long)])).unwrap_err().to_string();
+        assert!(err.contains("MQTT_SHARED_GROUP: must be at most 200 characters"), "{err}");
+        assert!(Settings::from_vars(vars(&[("MQTT_CLIENT_ID", &"x".repeat(191))])).is_ok());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The database: connection pool, the call into the schema migrations, the queries on
-//! `mqtt_servers` and `gateway_subscriptions`, whose fault a failed write is ([`blame`]), and
+//! `mqtt_servers`, whose fault a failed write is ([`blame`]), and
 //! how big a statement may be ([`StatementBounds`]). Statements on `flows` live in
 //! [`crate::flows::table`].
 //!
@@ -290,68 +290,4 @@ mod tests {
         assert_eq!(blame(&sqlx::Error::RowNotFound), Blame::Database);
         assert_eq!(blame(&sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into())), Blame::Database);
     }
-}
-
-/// A subscription the broker confirmed for a client id, from `gateway_subscriptions`.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct SubscriptionRow {
-    pub topic_filter: String,
-    pub broker_filter: String,
-    pub qos: i8,
-}
-
-/// The subscriptions the broker confirmed to this client id.
-pub async fn remembered_subscriptions(
-    pool: &MySqlPool,
-    client_id: &str,
-) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
-    sqlx::query_as("SELECT topic_filter, broker_filter, qos FROM gateway_subscriptions WHERE client_id = ?")
-        .bind(client_id)
-        .fetch_all(pool)
-        .await
-}
-
-/// Records subscriptions the broker just confirmed.
-pub async fn remember_subscriptions(
-    pool: &MySqlPool,
-    client_id: &str,
-    rows: &[SubscriptionRow],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut insert = sqlx::QueryBuilder::<MySql>::new(
-        "INSERT INTO gateway_subscriptions (client_id, topic_filter, broker_filter, qos, subscribed_at) ",
-    );
-    insert.push_values(rows, |mut row, s| {
-        row.push_bind(client_id)
-            .push_bind(&s.topic_filter)
-            .push_bind(&s.broker_filter)
-            .push_bind(s.qos)
-            .push("UTC_TIMESTAMP(3)");
-    });
-    insert.push(" ON DUPLICATE KEY UPDATE broker_filter = VALUES(broker_filter), qos = VALUES(qos), subscribed_at = VALUES(subscribed_at)");
-    insert.build().execute(pool).await.map(drop)
-}
-
-/// Forgets some of this client id's subscriptions, or all of them (`None`).
-pub async fn forget_subscriptions(
-    pool: &MySqlPool,
-    client_id: &str,
-    filters: Option<&[String]>,
-) -> Result<(), sqlx::Error> {
-    let mut delete = sqlx::QueryBuilder::<MySql>::new("DELETE FROM gateway_subscriptions WHERE client_id = ");
-    delete.push_bind(client_id);
-    if let Some(filters) = filters {
-        if filters.is_empty() {
-            return Ok(());
-        }
-        delete.push(" AND topic_filter IN (");
-        let mut list = delete.separated(", ");
-        for filter in filters {
-            list.push_bind(filter);
-        }
-        delete.push(")");
-    }
-    delete.build().execute(pool).await.map(drop)
 }

@@ -5,22 +5,25 @@
 //!
 //! Where things live, in the order a message travels:
 //! - [`config`]: the environment variables, read once; secrets kept out of logs.
-//! - [`mqtt`]: the broker session on its own socket (rumqttc's codec): reconnects with backoff,
-//!   subscriptions kept in step with the flows, the in-flight window in messages and bytes,
-//!   acknowledgements on the connection their message came on.
+//! - [`mqtt`]: the broker session on its own socket, MQTT 5 or 3.1.1 (rumqttc's codecs):
+//!   reconnects with backoff, every filter subscribed on every connection and what no flow
+//!   needs unsubscribed, the in-flight window in messages and bytes, acknowledgements on the
+//!   connection their message came on.
 //! - [`processor`]: the loop only: receive a batch, decode, match, render, commit, report, ack.
 //! - [`payload`]: what a payload must be (UTF-8 text holding a JSON object) and its decoding.
 //! - [`flows`]: flow rows checked into flows that can work; topic filters; payload schemas;
 //!   `flows/table.rs`, every statement on the `flows` and `gateway_flow_stats` tables.
 //! - [`sinks`]: one file per action (`store_db`, `post_endpoint`): what it renders of a payload
 //!   and the rows it writes; `Effect` and `Item`, what a rendered message is.
+//! - [`retained`]: a retained message the broker sends again is not stored twice
+//!   (`gateway_retained`).
 //! - [`commit`]: one transaction for a batch (counters, then each sink's rows) in statements
 //!   bounded by `max_allowed_packet`; holding the stream while the database cannot write, and
 //!   splitting a batch to find the message at fault.
 //! - [`outbox`]: durable delivery of POST_ENDPOINT requests, with retries and leases;
 //!   `outbox/queue.rs`, every statement on the outbox tables.
 //! - [`pyfmt`]: the Python renderings of values the original stored and sent.
-//! - [`db`]: the pool; queries on `mqtt_servers` and `gateway_subscriptions`; how big a
+//! - [`db`]: the pool; queries on `mqtt_servers`; how big a
 //!   statement may be; whose fault a failed write is (a message's data, or the database, which
 //!   holds the stream); [`migrate`]: schema migrations that several instances can run at once.
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
@@ -48,6 +51,7 @@ pub mod payload;
 pub mod processor;
 pub mod pyfmt;
 pub mod reload;
+pub mod retained;
 pub mod sinks;
 pub mod systemd;
 pub mod tls;

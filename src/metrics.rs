@@ -25,7 +25,7 @@ const LATENCY_BUCKETS: [f64; 14] =
 
 /// Every series: its name, HELP text and unit. `/metrics` prints the HELP of each, so that
 /// `promtool check metrics` accepts it and a reader of the scrape knows what each one counts.
-const SERIES: [(&str, Kind, &str); 19] = [
+const SERIES: [(&str, Kind, &str); 20] = [
     ("mqtt_gateway_messages_received_total", Kind::Counter, "Messages taken from the broker"),
     (
         "mqtt_gateway_messages_invalid_total",
@@ -85,6 +85,11 @@ const SERIES: [(&str, Kind, &str); 19] = [
         "Commits refused because another writer won a race for the same rows (deadlock, Galera certification), run again at once",
     ),
     (
+        "mqtt_gateway_retained_resent_total",
+        Kind::Counter,
+        "Retained messages the broker sent again for a subscription that their flow had already stored; acknowledged, not stored twice",
+    ),
+    (
         "mqtt_gateway_database_holding",
         Kind::Gauge,
         "1 while the database cannot take writes and messages are held unacknowledged, by error code",
@@ -129,6 +134,7 @@ pub fn install(batch_max_messages: usize) -> anyhow::Result<PrometheusHandle> {
         "mqtt_gateway_messages_received_total",
         "mqtt_gateway_messages_invalid_total",
         "mqtt_gateway_broker_reconnects_total",
+        "mqtt_gateway_retained_resent_total",
     ] {
         metrics::counter!(counter).absolute(0);
     }

@@ -17,6 +17,7 @@ use crate::health::{self, Health};
 use crate::mqtt::{Acker, Message};
 use crate::outbox::OutboxSignal;
 use crate::payload::decode;
+use crate::retained::Fingerprint;
 use crate::sinks::{self, AfterCommit, Item};
 use chrono::{NaiveDateTime, SubsecRound, Utc};
 use sqlx::MySqlPool;
@@ -87,7 +88,7 @@ impl Processor {
     /// Adds what arrives within the batch delay, up to the batch size in messages and bytes.
     async fn fill(&self, batch: &mut Vec<Message>, messages: &mut mpsc::UnboundedReceiver<Message>) {
         let deadline = Instant::now() + self.batch.max_delay;
-        let mut bytes: usize = batch.iter().map(|m| m.publish.payload.len()).sum();
+        let mut bytes: usize = batch.iter().map(|m| m.payload.len()).sum();
         while batch.len() < self.batch.max_messages && bytes < BATCH_MAX_BYTES {
             let message = match messages.try_recv() {
                 Ok(message) => message,
@@ -99,7 +100,7 @@ impl Processor {
                     }
                 }
             };
-            bytes += message.publish.payload.len();
+            bytes += message.payload.len();
             batch.push(message);
         }
     }
@@ -117,6 +118,7 @@ impl Processor {
             Committed::ShutDown => return false,
         };
         let mut queued: Vec<i32> = Vec::new();
+        let mut resent = 0;
         for (i, outcome) in outcomes {
             let item = &items[i];
             match outcome {
@@ -128,6 +130,16 @@ impl Processor {
                 ),
                 Outcome::TooBig(reason) => report(&item.flow, &item.topic, "too_big", &reason),
                 Outcome::Refused(reason) => report(&item.flow, &item.topic, "refused_by_database", &reason),
+                Outcome::AlreadyStored => {
+                    resent += 1;
+                    metrics::counter!("mqtt_gateway_retained_resent_total").increment(1);
+                    tracing::debug!(
+                        flow_code = %item.flow.code,
+                        "Retained message on {} already stored by flow {}; not stored again",
+                        item.topic,
+                        item.flow.code
+                    );
+                }
                 Outcome::Written(msg_id) => {
                     metrics::counter!("mqtt_gateway_messages_processed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
                         .increment(1);
@@ -145,6 +157,11 @@ impl Processor {
         if !queued.is_empty() {
             self.outbox.requests_written(queued);
         }
+        if resent > 0 {
+            tracing::info!(
+                "{resent} retained messages sent again by the broker were already stored; not stored twice"
+            );
+        }
         true
     }
 
@@ -152,14 +169,14 @@ impl Processor {
     fn prepare(&self, batch: &[Message]) -> Vec<Item> {
         let flows = Arc::clone(&self.flows.borrow());
         let mut items = Vec::new();
-        for Message { publish, .. } in batch {
-            let topic = publish.topic.as_str();
+        for Message { topic, payload: payload_bytes, retain, .. } in batch {
+            let topic = topic.as_str();
             // A fault switch for the supervision test; compiled out of release builds.
             #[cfg(debug_assertions)]
             if std::env::var("MQTT_GATEWAY_TEST_PANIC_ON_TOPIC").is_ok_and(|t| t == topic) {
                 panic!("fault injected for {topic}");
             }
-            let payload = match decode(&publish.payload) {
+            let payload = match decode(payload_bytes) {
                 Ok(payload) => payload,
                 Err(error) => {
                     tracing::error!(
@@ -172,10 +189,18 @@ impl Processor {
                 }
             };
             let shared_topic: Arc<str> = Arc::from(topic);
+            let mut fingerprint: Option<Arc<Fingerprint>> = None;
             for flow in flows.matching(topic) {
                 match flow.schema.validate(&payload).and_then(|()| sinks::render(flow, &payload)) {
                     Ok(effect) => {
-                        items.push(Item { flow: Arc::clone(flow), topic: Arc::clone(&shared_topic), effect })
+                        items.push(Item {
+                            flow: Arc::clone(flow),
+                            topic: Arc::clone(&shared_topic),
+                            effect,
+                            fingerprint: Arc::clone(fingerprint.get_or_insert_with(|| {
+                                Arc::new(Fingerprint::of(topic, payload_bytes, *retain))
+                            })),
+                        })
                     }
                     Err(reason) => report(flow, topic, "invalid_for_flow", &reason),
                 }

@@ -1,8 +1,14 @@
-//! Flow reload: reads the enabled flows again every `FLOWS_RELOAD_INTERVAL_SECONDS` and at once
-//! on SIGHUP, subscribes filters that are new, unsubscribes those no flow uses any more, and
-//! publishes the new set to the processor.
+//! Flow reload: reads the enabled flows again every `FLOWS_RELOAD_INTERVAL_SECONDS`, at once on
+//! SIGHUP, and when the flows version moved (another instance or the CLI changed the flows);
+//! subscribes filters that are new, unsubscribes those no flow uses any more, and publishes the
+//! new set to the processor.
+//!
+//! Why the version: with several instances in a shared group, a flow added on a filter they
+//! all hold gets only the messages of the instances that know it. Each instance would learn of
+//! it at its own reload, up to `FLOWS_RELOAD_INTERVAL_SECONDS` later; following the version,
+//! every instance applies a change within [`FOLLOW_EVERY`] of the first one that did.
 
-use crate::flows::{self, BrokenFlow, FlowSet};
+use crate::flows::{self, BrokenFlow, FlowRow, FlowSet};
 use crate::health::Health;
 use crate::mqtt::SubscriptionHandle;
 use crate::systemd;
@@ -16,10 +22,25 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a reload waits for the broker to confirm changed subscriptions.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(10);
+/// How often the flows version is read.
+pub const FOLLOW_EVERY: Duration = Duration::from_secs(2);
+
+/// Why a reload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The interval or SIGHUP: a change found is announced to the other instances.
+    Own,
+    /// The flows version moved: someone else announced a change already.
+    Followed,
+}
 
 pub struct Reloader {
     pool: MySqlPool,
     flows: watch::Sender<Arc<FlowSet>>,
+    /// The rows the current set was made of, to tell whether a reload changed anything.
+    rows: Vec<FlowRow>,
+    /// The flows version as last read.
+    version: i64,
     subscriber: SubscriptionHandle,
     /// Broken rows already reported, so each is logged once, and again only when it changes.
     reported: HashSet<(i32, String)>,
@@ -27,13 +48,16 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// `rows` made the current set; `version` was read before they were.
     pub fn new(
         pool: MySqlPool,
         flows: watch::Sender<Arc<FlowSet>>,
+        rows: Vec<FlowRow>,
+        version: i64,
         subscriber: SubscriptionHandle,
         health: Arc<Health>,
     ) -> Reloader {
-        Reloader { pool, flows, subscriber, reported: HashSet::new(), health }
+        Reloader { pool, flows, rows, version, subscriber, reported: HashSet::new(), health }
     }
 
     /// Logs the broken rows of a set not yet reported.
@@ -53,32 +77,48 @@ impl Reloader {
         self.reported = now;
     }
 
-    /// Runs until shutdown: one reload per interval, and one per SIGHUP.
+    /// Runs until shutdown: one reload per interval, one per SIGHUP, and one whenever the
+    /// flows version moved.
     pub async fn run(mut self, interval: Duration, mut hangup: Signal, shutdown: CancellationToken) {
+        let mut next = tokio::time::Instant::now() + interval;
+        let mut follow = tokio::time::interval(FOLLOW_EVERY);
+        follow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep_until(next) => {
+                    next = tokio::time::Instant::now() + interval;
+                    self.reload_logged(Cause::Own).await;
+                }
                 _ = hangup.recv() => {
                     tracing::info!("SIGHUP received: reloading flows");
                     systemd::reloading();
-                    self.reload_logged().await;
+                    self.reload_logged(Cause::Own).await;
                     systemd::ready(&systemd::describe(&self.health, &self.flows.borrow()));
-                    continue;
                 }
+                _ = follow.tick() => match flows::table::version(&self.pool).await {
+                    Ok(version) if version != self.version => {
+                        self.version = version;
+                        self.reload_logged(Cause::Followed).await;
+                    }
+                    Ok(_) => {}
+                    // The next reload reports a database that stays away.
+                    Err(error) => tracing::debug!("Cannot read the flows version: {error}"),
+                },
             }
-            self.reload_logged().await;
         }
     }
 
-    async fn reload_logged(&mut self) {
-        if let Err(error) = self.reload().await {
+    async fn reload_logged(&mut self, cause: Cause) {
+        if let Err(error) = self.reload(cause).await {
             tracing::error!("Error reloading flows: {error}");
         }
     }
 
-    pub async fn reload(&mut self) -> Result<(), sqlx::Error> {
-        let next = FlowSet::from_rows(flows::table::enabled(&self.pool).await?);
+    pub async fn reload(&mut self, cause: Cause) -> Result<(), sqlx::Error> {
+        let rows = flows::table::enabled(&self.pool).await?;
+        let changed = rows != self.rows;
+        let next = FlowSet::from_rows(rows.clone());
         crate::metrics::record_flows(&next);
         self.report_broken(&next.broken);
         let before = self.flows.borrow().filters();
@@ -95,9 +135,20 @@ impl Reloader {
             }
         }
         self.flows.send_replace(Arc::new(next));
-        if after != before {
+        self.rows = rows;
+        // Filters the broker refused are asked for again, in case its ACL was fixed.
+        if after != before || !self.health.refused().is_empty() {
             // The session logs what the broker confirms ("Subscribed to", "Unsubscribed from").
             let _ = self.subscriber.want(after, SUBSCRIBE_WAIT).await;
+        }
+        match cause {
+            // Announced once applied here: the others follow within FOLLOW_EVERY.
+            Cause::Own if changed => self.version = flows::table::bump_version(&self.pool).await?,
+            Cause::Own => {}
+            Cause::Followed => tracing::info!(
+                "Applied flows version {} (the flows were changed by another instance or the CLI)",
+                self.version
+            ),
         }
         Ok(())
     }

@@ -162,11 +162,13 @@ fn samples(ty: &str) -> Vec<Value> {
                     .collect();
             }
             if let Some(pattern) = ty.strip_prefix("types.strMatching \"").and_then(|p| p.strip_suffix('"')) {
+                let long: Vec<String> = (190..=202).map(|n| "x".repeat(n)).collect();
                 let probes = ["x", "gateways", "a b", "a/b", "a+b", "#", ""];
                 return probes
-                    .iter()
-                    .filter(|p| matches_class_plus(pattern, p))
-                    .map(|p| Value::Str((*p).to_owned()))
+                    .into_iter()
+                    .chain(long.iter().map(String::as_str))
+                    .filter(|p| matches_class(pattern, p))
+                    .map(|p| Value::Str(p.to_owned()))
                     .collect();
             }
             panic!("the test does not know the option type `{ty}`: teach `samples`")
@@ -174,16 +176,31 @@ fn samples(ty: &str) -> Vec<Value> {
     }
 }
 
-/// Whole-string match of the one regex shape the module uses, `[...]+` or `[^...]+`.
-fn matches_class_plus(pattern: &str, s: &str) -> bool {
-    let class = pattern.strip_prefix('[').and_then(|p| p.strip_suffix("]+")).unwrap_or_else(|| {
-        panic!("the test does not know the pattern {pattern:?}: teach `matches_class_plus`")
-    });
-    let (negated, chars) = match class.strip_prefix('^') {
-        Some(chars) => (true, chars),
-        None => (false, class),
+/// Whole-string match of the regex shapes the module uses: one class (`[...]`, `[^...]` or
+/// `.`) repeated `+` or `{LOW,HIGH}` times.
+fn matches_class(pattern: &str, s: &str) -> bool {
+    let unknown = || -> ! { panic!("the test does not know the pattern {pattern:?}: teach `matches_class`") };
+    let (class, rest) = match pattern.strip_prefix('[') {
+        Some(p) => p.split_once(']').unwrap_or_else(|| unknown()),
+        None => pattern.split_at(pattern.strip_prefix('.').map_or_else(|| unknown(), |_| 1)),
     };
-    !s.is_empty() && s.chars().all(|c| chars.contains(c) != negated)
+    let (low, high) = match rest {
+        "+" => (1, usize::MAX),
+        _ => rest
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .and_then(|r| r.split_once(','))
+            .and_then(|(l, h)| Some((l.parse().ok()?, h.parse().ok()?)))
+            .unwrap_or_else(|| unknown()),
+    };
+    let admits = |c: char| match class {
+        "." => c != '\n',
+        _ => match class.strip_prefix('^') {
+            Some(chars) => !chars.contains(c),
+            None => class.contains(c),
+        },
+    };
+    (low..=high).contains(&s.chars().count()) && s.chars().all(admits)
 }
 
 /// The string the module puts in the unit for `value`, through `expression`'s rendering.
@@ -294,7 +311,13 @@ fn the_parsers_of_this_test_see_what_the_module_says() {
         sources(&env["MQTT_CLIENT_KEY"]).is_empty(),
         "the key's path is a constant; the option only chooses"
     );
-    assert!(!matches_class_plus("[^/+#]+", "a/b") && matches_class_plus("[^/+#]+", "gateways"));
+    assert!(!matches_class("[^/+#]+", "a/b") && matches_class("[^/+#]+", "gateways"));
+    assert!(
+        matches_class("[^/+#]{1,200}", &"g".repeat(200)) && !matches_class("[^/+#]{1,200}", &"g".repeat(201))
+    );
+    assert!(matches_class(".{1,191}", "a b") && !matches_class(".{1,191}", ""));
+    assert_eq!(sources(&env["MQTT_SESSION_EXPIRY_SECONDS"])[0].0, "mqtt.sessionExpiry");
+    assert_eq!(samples(&types["mqtt.protocol"]).len(), 2, "{}", types["mqtt.protocol"]);
     // The options added for settings that once had none.
     assert_eq!(sources(&env["OUTBOX_LEASE_SECONDS"])[0].0, "outbox.lease");
     assert_eq!(sources(&env["HTTP_CA_FILE"])[0].0, "http.caFile");

@@ -66,14 +66,11 @@ async fn reachable(url: &url::Url, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connects as the gateway would, version negotiation included, and disconnects.
 async fn broker_reachable(settings: &MqttSettings, broker: &db::BrokerRow) -> anyhow::Result<()> {
-    let options = mqtt::options(settings, broker)?;
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await;
-    let _ = client.disconnect().await;
-    match outcome {
+    let target = mqtt::target(settings, broker, 1)?;
+    match tokio::time::timeout(Duration::from_secs(10), mqtt::probe(target)).await {
         Err(_) => bail!("no answer within 10 s"),
-        Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => bail!("connection refused: {code:?}"),
         Ok(Err(error)) => bail!("{error}"),
         Ok(Ok(_)) => Ok(()),
     }

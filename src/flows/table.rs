@@ -1,6 +1,7 @@
-//! The `flows` table and its companion `gateway_flow_stats`: every statement on them, for the
-//! service (load the enabled flows, advance a counter, note when a flow last took a message)
-//! and for the operator's CLI (list, add, enable, disable, last message times).
+//! The `flows` table and its companions `gateway_flow_stats` and `gateway_flows_version`: every
+//! statement on them, for the service (load the enabled flows, advance a counter, note when a
+//! flow last took a message, follow the flows version) and for the operator's CLI (list, add,
+//! enable, disable, last message times).
 
 use super::{Flow, FlowRow};
 use sqlx::{MySql, MySqlPool, Transaction};
@@ -101,6 +102,7 @@ pub async fn add(pool: &MySqlPool, row: &FlowRow, description: &str, enabled: bo
         Some(state) if state == "23000" => AddError::Exists(row.code.clone()),
         _ => AddError::Db(e),
     })?;
+    bump_version(pool).await?;
     Ok(added.last_insert_id())
 }
 
@@ -112,7 +114,29 @@ pub async fn set_enabled(pool: &MySqlPool, code: &str, enabled: bool) -> Result<
         return Ok(false);
     }
     sqlx::query("UPDATE flows SET enabled = ? WHERE code = ?").bind(enabled).bind(code).execute(pool).await?;
+    bump_version(pool).await?;
     Ok(true)
+}
+
+/// The flows version: moved by whoever makes or applies a change to the flows (this CLI, a
+/// gateway's reload that found one), and followed by every running gateway, so that several
+/// instances apply a change within seconds of each other, not each at its own reload.
+pub async fn version(pool: &MySqlPool) -> Result<i64, sqlx::Error> {
+    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM gateway_flows_version WHERE id = 1")
+        .fetch_optional(pool)
+        .await?;
+    Ok(version.unwrap_or(0))
+}
+
+/// Moves the flows version on and returns it.
+pub async fn bump_version(pool: &MySqlPool) -> Result<i64, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO gateway_flows_version (id, version, changed_at) VALUES (1, LAST_INSERT_ID(1), UTC_TIMESTAMP(3)) \
+         ON DUPLICATE KEY UPDATE version = LAST_INSERT_ID(version + 1), changed_at = VALUES(changed_at)",
+    )
+    .execute(pool)
+    .await?;
+    Ok(i64::try_from(done.last_insert_id()).unwrap_or(i64::MAX))
 }
 
 /// Records that these flows just took messages, in one statement.

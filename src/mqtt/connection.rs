@@ -1,7 +1,7 @@
 //! One connection to the broker: the socket (TCP, or TLS over it), the CONNECT/CONNACK
 //! exchange, and two tasks that own the socket's halves, one reading packets and one writing
-//! them. MQTT's packets are encoded and decoded with rumqttc's codec; the socket is ours, which
-//! is what lets reading pause without stopping the protocol.
+//! them. Packets are encoded and decoded by [`super::protocol`] with rumqttc's codecs; the socket
+//! is ours, which is what lets reading pause without stopping the protocol.
 //!
 //! Why not rumqttc's `EventLoop`: it reads, writes and pings inside one `poll()`. Pausing reads
 //! for backpressure there stops pings and acks too, and a `poll()` dropped by a `select!`
@@ -9,12 +9,10 @@
 //! backpressure makes the broker hold the rest), while the writer goes on sending acks and
 //! pings.
 
+use super::protocol::{self, ConnAck, Incoming, Outgoing, Refusal, SessionRequest, Version};
 use super::window::Window;
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, Packet};
-use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::tokio_rustls::TlsConnector;
-use rumqttc::ConnectReturnCode;
 use rustls::pki_types::ServerName;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +20,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// MQTT's largest packet: the broker decides what size is acceptable, not us.
-pub const MAX_PACKET: usize = 268_435_455;
 /// How much the reader asks the socket for at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -41,11 +37,28 @@ pub struct Target {
     pub keepalive: Duration,
     pub clean_session: bool,
     pub credentials: Option<(String, String)>,
+    /// The version asked for first (`MQTT_PROTOCOL`).
+    pub version: Version,
+    /// Version 5: how long the broker keeps the session after a disconnect; `u32::MAX` never
+    /// ends it.
+    pub session_expiry: u32,
+    /// Version 5: Receive Maximum, the broker's own limit of unacknowledged messages.
+    pub receive_maximum: u16,
 }
 
 impl Target {
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+
+    fn session_request(&self) -> SessionRequest {
+        SessionRequest {
+            keepalive_secs: u16::try_from(self.keepalive.as_secs()).unwrap_or(u16::MAX),
+            clean_start: self.clean_session,
+            // A clean session ends with the connection, as in 3.1.1.
+            session_expiry: if self.clean_session { 0 } else { self.session_expiry },
+            receive_maximum: self.receive_maximum,
+        }
     }
 }
 
@@ -58,15 +71,13 @@ pub enum ConnectError {
     Tls(std::io::Error),
     #[error("invalid broker host name for TLS: {0}")]
     ServerName(String),
-    #[error("the broker sent {0} instead of CONNACK")]
-    Unexpected(String),
     #[error("the broker closed the connection before CONNACK")]
     Closed,
     #[error("malformed packet from the broker: {0}")]
-    Protocol(CodecError),
-    /// The broker answered CONNACK with this MQTT 3.1.1 return code.
-    #[error("refused with reason code {0}")]
-    Refused(u8),
+    Protocol(protocol::CodecError),
+    /// The broker answered CONNACK with a refusal.
+    #[error("refused with reason code {} ({})", .0.v311_code, .0.reason)]
+    Refused(Refusal),
     #[error("no CONNACK within {0:?}")]
     Timeout(Duration),
 }
@@ -74,31 +85,26 @@ pub enum ConnectError {
 /// A connection whose CONNACK accepted us.
 pub struct Connected {
     pub stream: Box<dyn Stream>,
-    pub connack: ConnAck,
+    pub version: Version,
+    pub session_present: bool,
+    /// The keepalive in force: ours, or the one a version 5 broker asked for instead.
+    pub keepalive: Duration,
+    /// Version 5: the session expiry the broker granted when it differs from the one asked.
+    pub session_expiry: Option<u32>,
     /// Bytes read after the CONNACK (a persistent session may send at once); the reader
     /// starts with them.
     pub leftover: BytesMut,
 }
 
-/// The MQTT 3.1.1 CONNACK return code, the number operators know from the original's log line.
-pub fn return_code(code: ConnectReturnCode) -> u8 {
-    match code {
-        ConnectReturnCode::Success => 0,
-        ConnectReturnCode::RefusedProtocolVersion => 1,
-        ConnectReturnCode::BadClientId => 2,
-        ConnectReturnCode::ServiceUnavailable => 3,
-        ConnectReturnCode::BadUserNamePassword => 4,
-        ConnectReturnCode::NotAuthorized => 5,
-    }
+/// DNS, TCP, TLS and CONNECT/CONNACK in `version`, all within `limit`. Runs in a task of its
+/// own, so nothing else the session does can cancel it half way.
+pub async fn connect(target: Target, version: Version, limit: Duration) -> Result<Connected, ConnectError> {
+    tokio::time::timeout(limit, connect_unbounded(target, version))
+        .await
+        .map_err(|_| ConnectError::Timeout(limit))?
 }
 
-/// DNS, TCP, TLS and CONNECT/CONNACK, all within `limit`. Runs in a task of its own, so
-/// nothing else the session does can cancel it half way.
-pub async fn connect(target: Target, limit: Duration) -> Result<Connected, ConnectError> {
-    tokio::time::timeout(limit, connect_unbounded(target)).await.map_err(|_| ConnectError::Timeout(limit))?
-}
-
-async fn connect_unbounded(target: Target) -> Result<Connected, ConnectError> {
+async fn connect_unbounded(target: Target, version: Version) -> Result<Connected, ConnectError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
     tcp.set_nodelay(true)?;
     tracing::debug!("TCP connection to {} open", target.address());
@@ -112,27 +118,30 @@ async fn connect_unbounded(target: Target) -> Result<Connected, ConnectError> {
             Box::new(tls)
         }
     };
-    let mut connect = Connect::new(target.client_id.as_str());
-    connect.keep_alive = u16::try_from(target.keepalive.as_secs()).unwrap_or(u16::MAX);
-    connect.clean_session = target.clean_session;
-    if let Some((user, password)) = &target.credentials {
-        connect.set_login(user.as_str(), password.as_str());
-    }
     let mut out = BytesMut::new();
-    Packet::Connect(connect).write(&mut out, MAX_PACKET).map_err(ConnectError::Protocol)?;
+    let credentials = target.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+    protocol::connect(version, &target.client_id, credentials, &target.session_request(), &mut out)
+        .map_err(ConnectError::Protocol)?;
     stream.write_all(&out).await?;
     stream.flush().await?;
-    tracing::debug!("CONNECT sent to {}", target.address());
+    tracing::debug!("CONNECT (MQTT {}) sent to {}", version.name(), target.address());
     let mut buffer = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        match Packet::read(&mut buffer, MAX_PACKET) {
-            Ok(Packet::ConnAck(connack)) if connack.code == ConnectReturnCode::Success => {
-                return Ok(Connected { stream, connack, leftover: buffer });
+        match protocol::connack(version, &mut buffer).map_err(ConnectError::Protocol)? {
+            Some(ConnAck::Accepted { session_present, server_keepalive, session_expiry }) => {
+                let keepalive =
+                    server_keepalive.map_or(target.keepalive, |secs| Duration::from_secs(secs.into()));
+                return Ok(Connected {
+                    stream,
+                    version,
+                    session_present,
+                    keepalive,
+                    session_expiry,
+                    leftover: buffer,
+                });
             }
-            Ok(Packet::ConnAck(connack)) => return Err(ConnectError::Refused(return_code(connack.code))),
-            Ok(other) => return Err(ConnectError::Unexpected(format!("{other:?}"))),
-            Err(CodecError::InsufficientBytes(_)) => {}
-            Err(error) => return Err(ConnectError::Protocol(error)),
+            Some(ConnAck::Refused(refusal)) => return Err(ConnectError::Refused(refusal)),
+            None => {}
         }
         if stream.read_buf(&mut buffer).await? == 0 {
             return Err(ConnectError::Closed);
@@ -143,7 +152,7 @@ async fn connect_unbounded(target: Target) -> Result<Connected, ConnectError> {
 /// What the reader and writer tell the session.
 #[derive(Debug)]
 pub enum Event {
-    Packet(Packet),
+    Packet(Incoming),
     /// The connection is over; the text says why.
     Closed(String),
 }
@@ -153,26 +162,27 @@ pub enum Event {
 /// socket is simply not read and the broker holds the rest. Never waits on the session.
 pub async fn read_packets(
     mut socket: ReadHalf<Box<dyn Stream>>,
+    version: Version,
     mut buffer: BytesMut,
     window: Arc<Window>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let why = loop {
         loop {
-            match Packet::read(&mut buffer, MAX_PACKET) {
-                Ok(mut packet) => {
-                    if let Packet::Publish(publish) = &mut packet {
+            match protocol::read(version, &mut buffer) {
+                Ok(Some(mut packet)) => {
+                    if let Incoming::Publish(message) = &mut packet {
                         // A copy of its own: a slice would keep the whole read buffer it came in
                         // alive (up to twice its size, for a large message) until it is acked,
                         // and the window would count less than is held.
-                        publish.payload = Bytes::copy_from_slice(&publish.payload);
-                        window.take(publish.payload.len() + publish.topic.len());
+                        message.payload = Bytes::copy_from_slice(&message.payload);
+                        window.take(message.payload.len() + message.topic.len());
                     }
                     if events.send(Event::Packet(packet)).is_err() {
                         return;
                     }
                 }
-                Err(CodecError::InsufficientBytes(_)) => break,
+                Ok(None) => break,
                 Err(error) => {
                     let _ = events.send(Event::Closed(format!("malformed packet from the broker: {error}")));
                     return;
@@ -194,14 +204,15 @@ pub async fn read_packets(
 /// queue is closed (after a DISCONNECT) or the socket fails.
 pub async fn write_packets(
     mut socket: WriteHalf<Box<dyn Stream>>,
-    mut outgoing: mpsc::UnboundedReceiver<Packet>,
+    version: Version,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let mut buffer = BytesMut::with_capacity(4096);
     while let Some(packet) = outgoing.recv().await {
         let mut next = Some(packet);
         while let Some(packet) = next {
-            if let Err(error) = packet.write(&mut buffer, MAX_PACKET) {
+            if let Err(error) = protocol::write(version, packet, &mut buffer) {
                 let _ = events.send(Event::Closed(format!("cannot encode a packet: {error}")));
                 return;
             }

@@ -81,6 +81,8 @@ pub struct Item {
     pub flow: Arc<Flow>,
     pub topic: Arc<str>,
     pub effect: Effect,
+    /// Its message's topic and payload hashed, and its RETAIN flag: what tells a resend.
+    pub fingerprint: Arc<crate::retained::Fingerprint>,
 }
 
 /// The items one transaction writes, each with the `last_msg_id` it was given; each sink
@@ -93,6 +95,11 @@ pub struct Rows<'a> {
 impl<'a> Rows<'a> {
     pub fn push(&mut self, item: &'a Item, msg_id: i32) {
         self.written.push((item, msg_id));
+    }
+
+    /// The items written, in arrival order.
+    pub fn items(&self) -> impl Iterator<Item = &'a Item> + '_ {
+        self.written.iter().map(|(item, _)| *item)
     }
 
     /// Every sink's rows, in statements bounded by `bounds`, in the caller's transaction.

@@ -1,4 +1,5 @@
-//! The broker connection: refused CONNACKs, restarts, persistent sessions.
+//! The broker connection: refused CONNACKs, restarts, persistent sessions (retained messages
+//! and the session's truth are in `retained.rs` and `subscriptions.rs`).
 
 use crate::harness::*;
 use testkit::Mosquitto;
@@ -57,54 +58,6 @@ async fn messages_published_while_the_gateway_is_down_are_delivered() {
     assert_eq!(values, expected, "every message, in order, once");
 }
 
-/// Publishes one retained message and waits for the broker to take it.
-async fn publish_retained(port: u16, topic: &str, payload: &str) {
-    let mut publisher = testkit::Publisher::connect(port).await.unwrap();
-    publisher.publish_retained(topic, payload).await.unwrap();
-    publisher.flush(WAIT).await.unwrap();
-}
-
-#[tokio::test]
-async fn a_retained_message_is_stored_once_across_gateway_restarts() {
-    // No persistence: the broker keeps sessions while it runs, and forgets them (and retained
-    // messages) when it restarts.
-    let mut broker = Mosquitto::start_with("allow_anonymous true\n").unwrap();
-    let mut env = TestEnv::new().await;
-    env.set("MQTT_DEFAULT_PORT", broker.port.to_string());
-    let topic = env.topic("retained");
-    env.add_flow("R", &topic, "STORE_DB", "{}", None).await;
-    publish_retained(broker.port, &topic, r#"{"v": 1}"#).await;
-
-    for start in 1..=4 {
-        let mut gateway = env.start().await;
-        env.wait_counter("R", 1).await;
-        if start > 1 {
-            assert!(
-                gateway
-                    .logs()
-                    .contains(&format!("The broker's session still holds the subscriptions to {topic}")),
-                "{}",
-                gateway.logs()
-            );
-        }
-        // A message after the retained one shows that the gateway is subscribed and caught up.
-        publish_to(broker.port, &topic, &[format!(r#"{{"start": {start}}}"#).as_bytes()]).await;
-        env.wait_counter("R", 1 + start).await;
-        gateway.signal(libc::SIGTERM);
-        assert_eq!(exit_code(&mut gateway).await, 0);
-    }
-    let retained_rows = env.values_of("R", "v").await.len();
-    assert_eq!(retained_rows, 1, "the retained message is stored once across four starts");
-
-    // A broker restarted without persistence has no session: a new subscription, and a
-    // retained message published again is delivered again, as MQTT says.
-    broker.restart().unwrap();
-    publish_retained(broker.port, &topic, r#"{"v": 2}"#).await;
-    let gateway = env.start().await;
-    env.wait_counter("R", 6).await;
-    assert!(gateway.logs().contains(&format!("Subscribed to {topic}")), "{}", gateway.logs());
-}
-
 #[tokio::test]
 async fn a_flow_added_while_the_gateway_was_down_gets_its_subscription() {
     let env = TestEnv::new().await;
@@ -116,9 +69,9 @@ async fn a_flow_added_while_the_gateway_was_down_gets_its_subscription() {
 
     env.add_flow("NEW", &new, "STORE_DB", "{}", None).await;
     let gateway = env.start().await;
+    // Both subscribed, whatever the session held: the broker's session is the truth.
     let logs = gateway.logs();
-    assert!(logs.contains(&format!("The broker's session still holds the subscriptions to {old}")), "{logs}");
-    assert!(logs.contains(&format!("Subscribed to {new}")), "{logs}");
+    assert!(logs.contains(&format!("Subscribed to {new}, {old}")), "{logs}");
     publish(&old, &[br#"{"v": 1}"#]).await;
     publish(&new, &[br#"{"v": 1}"#]).await;
     env.wait_counter("OLD", 1).await;

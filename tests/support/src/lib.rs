@@ -27,7 +27,7 @@ pub use gateway::Gateway;
 pub use mariadb::MariaDb;
 pub use mosquitto::Mosquitto;
 pub use prometheus::Prometheus;
-pub use proxy::DelayProxy;
+pub use proxy::{Cutter, DelayProxy, Mqtt311Only};
 pub use publish::Publisher;
 pub use tls_front::TlsFront;
 

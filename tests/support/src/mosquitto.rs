@@ -26,7 +26,17 @@ impl Mosquitto {
     /// `persistence true` a restart forgets every session and subscription. Every broker queues
     /// plenty of messages for absent persistent clients (Mosquitto's default is 1,000).
     pub fn start_with(extra_config: &str) -> anyhow::Result<Mosquitto> {
+        Mosquitto::start_with_files(extra_config, &[])
+    }
+
+    /// [`Mosquitto::start_with`], with files written into the broker's directory first (a
+    /// plugin's configuration, say), each `(name, content)`; `{dir}` in either stands for the
+    /// directory.
+    pub fn start_with_files(extra_config: &str, files: &[(&str, &str)]) -> anyhow::Result<Mosquitto> {
         let dir = cleanup::service_dir("mosquitto")?;
+        for (name, content) in files {
+            std::fs::write(dir.join(name), content.replace("{dir}", &dir.display().to_string()))?;
+        }
         let mut broker =
             Mosquitto { port: crate::free_port(), dir, extra_config: extra_config.to_owned(), child: None };
         broker.restart()?;
@@ -75,6 +85,16 @@ impl Mosquitto {
     pub fn stop(&mut self) {
         if let Some(child) = self.child.take() {
             cleanup::terminate(child);
+        }
+    }
+
+    /// Kills the broker at once (SIGKILL), as an OOM kill or a power loss would: it saves
+    /// nothing, so [`Mosquitto::restart`] starts from its last autosave.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            cleanup::release(child.id(), None);
         }
     }
 
