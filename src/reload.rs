@@ -121,12 +121,13 @@ impl Reloader {
         let next = FlowSet::from_rows(rows.clone());
         crate::metrics::record_flows(&next);
         self.report_broken(&next.broken);
-        let before = self.flows.borrow().filters();
-        let after = next.filters();
+        let before = self.flows.borrow().subscriptions();
+        let after = next.subscriptions();
         // New filters first, so the set published below never matches a message that the
         // broker was not yet asked for; a removed filter's stragglers simply match no flow.
-        if !after.is_subset(&before) {
-            let both = before.union(&after).cloned().collect();
+        if after.iter().any(|(filter, id)| before.get(filter) != Some(id)) {
+            let mut both = before.clone();
+            both.extend(after.iter().map(|(filter, id)| (filter.clone(), *id)));
             if !self.subscriber.want(both, SUBSCRIBE_WAIT).await {
                 tracing::warn!(
                     "The broker has not confirmed the new subscriptions within {SUBSCRIBE_WAIT:?}; \

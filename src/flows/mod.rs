@@ -15,7 +15,8 @@ pub mod topic_filter;
 pub use schema::PayloadSchema;
 pub use topic_filter::TopicFilter;
 
-use std::collections::BTreeSet;
+use sha2::Digest;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// A `flows` row as stored, before any checking.
@@ -55,6 +56,8 @@ pub struct Flow {
     pub filter: TopicFilter,
     pub action: Action,
     pub schema: PayloadSchema,
+    /// The MQTT 5 Subscription Identifier of its filter (see [`FlowSet::subscriptions`]).
+    pub subscription_id: u32,
 }
 
 /// A row that cannot work, and why.
@@ -97,7 +100,7 @@ impl TryFrom<FlowRow> for Flow {
         let schema_text = row.payload_schema.as_deref().unwrap_or("null");
         let schema =
             PayloadSchema::parse(schema_text).map_err(|e| broken(format!("invalid payload_schema: {e}")))?;
-        Ok(Flow { id: row.id, code: row.code, filter, action, schema })
+        Ok(Flow { id: row.id, code: row.code, filter, action, schema, subscription_id: 0 })
     }
 }
 
@@ -111,11 +114,17 @@ pub struct FlowSet {
 impl FlowSet {
     pub fn from_rows(rows: Vec<FlowRow>) -> FlowSet {
         let mut set = FlowSet::default();
+        let mut flows = Vec::new();
         for row in rows {
             match Flow::try_from(row) {
-                Ok(flow) => set.flows.push(Arc::new(flow)),
+                Ok(flow) => flows.push(flow),
                 Err(broken) => set.broken.push(broken),
             }
+        }
+        let ids = subscription_ids(flows.iter().map(|f| f.filter.as_str()));
+        for mut flow in flows {
+            flow.subscription_id = ids[flow.filter.as_str()];
+            set.flows.push(Arc::new(flow));
         }
         set
     }
@@ -125,10 +134,48 @@ impl FlowSet {
         self.flows.iter().map(|f| f.filter.as_str().to_owned()).collect()
     }
 
+    /// Each distinct filter with its MQTT 5 Subscription Identifier. With overlapping filters
+    /// (`a/#` and `a/+/c`) a version 5 broker may send one copy of a message per matching
+    /// subscription, each naming its identifier: the copy then goes only to the flows of that
+    /// filter, so each flow takes the message once.
+    pub fn subscriptions(&self) -> BTreeMap<String, u32> {
+        self.flows.iter().map(|f| (f.filter.as_str().to_owned(), f.subscription_id)).collect()
+    }
+
     /// The flows a message on `topic` goes to, in `id` order.
     pub fn matching<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a Arc<Flow>> + 'a {
         self.flows.iter().filter(move |f| f.filter.matches(topic))
     }
+
+    /// The flows one copy of a message goes to: those of the subscriptions it names (MQTT 5),
+    /// or every matching flow when it names none, or none of ours (a 3.1.1 broker, or a copy
+    /// queued for a subscription made before the flows changed: nothing is dropped for it).
+    pub fn routed<'a>(&'a self, topic: &'a str, ids: &'a [u32]) -> impl Iterator<Item = &'a Arc<Flow>> + 'a {
+        let named = !ids.is_empty() && self.matching(topic).any(|f| ids.contains(&f.subscription_id));
+        self.matching(topic).filter(move |f| !named || ids.contains(&f.subscription_id))
+    }
+}
+
+/// Subscription Identifiers are 1 to 268,435,455.
+const MAX_SUBSCRIPTION_ID: u32 = 268_435_455;
+
+/// A Subscription Identifier per distinct filter, the same for a filter across restarts and
+/// flow changes (the broker keeps it with a queued message): from a hash of the filter, with
+/// the next free value on the rare collision.
+fn subscription_ids<'a>(filters: impl Iterator<Item = &'a str>) -> BTreeMap<String, u32> {
+    let distinct: BTreeSet<&str> = filters.collect();
+    let mut taken: BTreeSet<u32> = BTreeSet::new();
+    let mut ids = BTreeMap::new();
+    for filter in distinct {
+        let digest = sha2::Sha256::digest(filter.as_bytes());
+        let mut id =
+            u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % MAX_SUBSCRIPTION_ID + 1;
+        while !taken.insert(id) {
+            id = id % MAX_SUBSCRIPTION_ID + 1;
+        }
+        ids.insert(filter.to_owned(), id);
+    }
+    ids
 }
 
 #[cfg(test)]
@@ -172,5 +219,34 @@ mod tests {
         assert_eq!(set.broken.len(), 1);
         assert_eq!(set.matching("s/x").count(), 2);
         assert_eq!(set.filters().into_iter().collect::<Vec<_>>(), vec!["s/#", "s/+"]);
+    }
+
+    #[test]
+    fn a_copy_goes_to_the_flows_of_the_subscriptions_it_names() {
+        let set = FlowSet::from_rows(vec![
+            FlowRow { id: 1, ..row("STORE_DB", "a/#", None, "{}") },
+            FlowRow { id: 2, ..row("STORE_DB", "a/+/c", None, "{}") },
+            FlowRow { id: 3, ..row("STORE_DB", "a/#", None, "{}") },
+        ]);
+        let ids = set.subscriptions();
+        assert_eq!(ids.len(), 2);
+        assert_ne!(ids["a/#"], ids["a/+/c"]);
+        let routed = |named: &[u32]| set.routed("a/b/c", named).map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!(routed(&[ids["a/#"]]), vec![1, 3]);
+        assert_eq!(routed(&[ids["a/+/c"]]), vec![2]);
+        assert_eq!(routed(&[ids["a/+/c"], ids["a/#"]]), vec![1, 2, 3], "one copy for both");
+        assert_eq!(routed(&[]), vec![1, 2, 3], "3.1.1: every matching flow");
+        assert_eq!(routed(&[12345]), vec![1, 2, 3], "an identifier of no current filter drops nothing");
+    }
+
+    #[test]
+    fn subscription_ids_stay_the_same_whatever_else_is_in_the_set() {
+        let alone = subscription_ids(["x/#"].into_iter());
+        let among: Vec<String> = (0..10_000).map(|i| format!("d/{i}/#")).collect();
+        let crowd = subscription_ids(among.iter().map(String::as_str).chain(["x/#"]));
+        assert_eq!(alone["x/#"], crowd["x/#"]);
+        let distinct: BTreeSet<u32> = crowd.values().copied().collect();
+        assert_eq!(distinct.len(), crowd.len(), "one identifier per filter");
+        assert!(crowd.values().all(|&id| (1..=MAX_SUBSCRIPTION_ID).contains(&id)));
     }
 }

@@ -91,6 +91,8 @@ pub struct Connected {
     pub keepalive: Duration,
     /// Version 5: the session expiry the broker granted when it differs from the one asked.
     pub session_expiry: Option<u32>,
+    /// Whether SUBSCRIBE may carry Subscription Identifiers.
+    pub subscription_ids: bool,
     /// Bytes read after the CONNACK (a persistent session may send at once); the reader
     /// starts with them.
     pub leftover: BytesMut,
@@ -128,7 +130,12 @@ async fn connect_unbounded(target: Target, version: Version) -> Result<Connected
     let mut buffer = BytesMut::with_capacity(READ_CHUNK);
     loop {
         match protocol::connack(version, &mut buffer).map_err(ConnectError::Protocol)? {
-            Some(ConnAck::Accepted { session_present, server_keepalive, session_expiry }) => {
+            Some(ConnAck::Accepted {
+                session_present,
+                server_keepalive,
+                session_expiry,
+                subscription_ids,
+            }) => {
                 let keepalive =
                     server_keepalive.map_or(target.keepalive, |secs| Duration::from_secs(secs.into()));
                 return Ok(Connected {
@@ -137,6 +144,7 @@ async fn connect_unbounded(target: Target, version: Version) -> Result<Connected
                     session_present,
                     keepalive,
                     session_expiry,
+                    subscription_ids,
                     leftover: buffer,
                 });
             }

@@ -24,12 +24,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const ROWS: usize = 1_000;
 
 enum Change {
-    /// Read what is held, add the forms in `wanted` that are missing, and answer with what
-    /// was held before.
-    Reconcile {
-        wanted: Vec<String>,
-        held: oneshot::Sender<Option<BTreeSet<String>>>,
-    },
+    /// Answer with the forms held now.
+    Read(oneshot::Sender<Option<BTreeSet<String>>>),
     Add(Vec<String>),
     Remove(Vec<String>),
 }
@@ -46,11 +42,10 @@ impl Held {
         Held(changes_tx)
     }
 
-    /// At a new connection: answers with the forms held before (`None` when unreadable), and
-    /// records those of `wanted` that were missing.
-    pub fn reconcile(&self, wanted: Vec<String>) -> oneshot::Receiver<Option<BTreeSet<String>>> {
+    /// The forms held now, after every change asked for before (`None` when unreadable).
+    pub fn read(&self) -> oneshot::Receiver<Option<BTreeSet<String>>> {
         let (held, answer) = oneshot::channel();
-        let _ = self.0.send(Change::Reconcile { wanted, held });
+        let _ = self.0.send(Change::Read(held));
         answer
     }
 
@@ -70,12 +65,14 @@ impl Held {
 }
 
 async fn own(pool: MySqlPool, client_id: String, mut changes: mpsc::UnboundedReceiver<Change>) {
-    while let Some(change) = changes.recv().await {
+    let mut next = None;
+    loop {
+        let Some(change) = next.take().or(changes.recv().await) else { return };
         match change {
-            Change::Reconcile { wanted, held } => {
+            Change::Read(answer) => {
                 let read = tokio::time::timeout(READ_TIMEOUT, forms(&pool, &client_id)).await;
-                let before = match read {
-                    Ok(Ok(before)) => Some(before),
+                let held = match read {
+                    Ok(Ok(held)) => Some(held),
                     Ok(Err(error)) => {
                         warn_unread(&error.to_string());
                         None
@@ -85,15 +82,33 @@ async fn own(pool: MySqlPool, client_id: String, mut changes: mpsc::UnboundedRec
                         None
                     }
                 };
-                let missing: Vec<String> = match &before {
-                    Some(before) => wanted.into_iter().filter(|f| !before.contains(f)).collect(),
-                    None => wanted,
-                };
-                let _ = held.send(before);
-                persist(&pool, &client_id, &missing, true).await;
+                let _ = answer.send(held);
             }
-            Change::Add(forms) => persist(&pool, &client_id, &forms, true).await,
-            Change::Remove(forms) => persist(&pool, &client_id, &forms, false).await,
+            Change::Add(mut forms) => {
+                // Thousands of single-filter SUBSCRIBEs become a few statements.
+                while let Ok(more) = changes.try_recv() {
+                    match more {
+                        Change::Add(more) => forms.extend(more),
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+                persist(&pool, &client_id, &forms, true).await;
+            }
+            Change::Remove(mut forms) => {
+                while let Ok(more) = changes.try_recv() {
+                    match more {
+                        Change::Remove(more) => forms.extend(more),
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+                persist(&pool, &client_id, &forms, false).await;
+            }
         }
     }
 }

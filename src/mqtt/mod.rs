@@ -9,8 +9,10 @@
 //!   what the broker answered (no I/O, so it is tested alone).
 //! - [`held`]: the record of every form of a filter this client id may hold at the broker, so
 //!   that what no flow needs (another shared group's, a removed flow's) is unsubscribed.
-//! - [`protocol`]: the packets of both versions, through rumqttc's codecs, and reason codes
-//!   in words; [`connection`]: the socket and its reader and writer tasks; [`window`]: the
+//! - [`report`]: what the operator reads about subscriptions: refusals naming their flows,
+//!   and one line for what many SUBACKs took.
+//! - [`protocol`]: the packets of both versions, through rumqttc's codecs; [`reasons`]: the
+//!   broker's codes in words; [`connection`]: the socket and its reader and writer tasks; [`window`]: the
 //!   in-flight window in messages and bytes.
 //!
 //! What it guarantees: nothing is cancelled half way (connects and socket I/O run in tasks of
@@ -21,6 +23,8 @@
 mod connection;
 mod held;
 pub mod protocol;
+mod reasons;
+mod report;
 mod session;
 mod subscriptions;
 mod window;
@@ -36,7 +40,7 @@ use crate::config::MqttSettings;
 use crate::db::BrokerRow;
 use bytes::Bytes;
 use rumqttc::QoS;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -118,6 +122,9 @@ pub struct Message {
     pub payload: Bytes,
     /// RETAIN as delivered: set only when the broker sent it because of a subscription.
     pub retain: bool,
+    /// MQTT 5: the Subscription Identifiers this copy was sent for (see
+    /// [`crate::flows::FlowSet::routed`]); empty with 3.1.1.
+    pub subscription_ids: Vec<u32>,
     pub ack: AckToken,
 }
 
@@ -148,7 +155,8 @@ impl Acker {
 pub struct SubscriptionHandle(mpsc::UnboundedSender<Want>);
 
 struct Want {
-    filters: BTreeSet<String>,
+    /// Each filter with its Subscription Identifier.
+    filters: BTreeMap<String, u32>,
     done: oneshot::Sender<()>,
 }
 
@@ -157,7 +165,7 @@ impl SubscriptionHandle {
     /// what is no longer there, and waits up to `limit` for the broker to confirm it all. False
     /// when it did not in time (the broker is away, say): the session goes on and applies the
     /// set once it is back.
-    pub async fn want(&self, filters: BTreeSet<String>, limit: Duration) -> bool {
+    pub async fn want(&self, filters: BTreeMap<String, u32>, limit: Duration) -> bool {
         let (done, confirmed) = oneshot::channel();
         if self.0.send(Want { filters, done }).is_err() {
             return false;

@@ -14,6 +14,9 @@
 //! - **Refusals say why** in version 5: a CONNACK, SUBACK or DISCONNECT reason code, which we
 //!   put in words. Version 3.1.1 has only CONNACK's five codes and SUBACK's 0x80.
 
+use super::reasons::{
+    disconnect_text, return_code, suback_grant, v311_refusal, v4_name, v5_connect_refusal, v5_name,
+};
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
@@ -46,6 +49,8 @@ pub struct Received {
     pub pkid: u16,
     /// Set by the broker only on a message sent because of a subscription (a retained one).
     pub retain: bool,
+    /// Version 5: the Subscription Identifiers of the subscriptions this copy is for.
+    pub subscription_ids: Vec<u32>,
 }
 
 /// Why the broker refused something, in its own code and in words.
@@ -90,8 +95,17 @@ pub enum Incoming {
 #[derive(Debug, Clone)]
 pub enum Outgoing {
     PubAck(u16),
-    Subscribe { pkid: u16, filters: Vec<String>, qos: QoS },
-    Unsubscribe { pkid: u16, filters: Vec<String> },
+    /// `id`: version 5's Subscription Identifier, for every filter of the packet.
+    Subscribe {
+        pkid: u16,
+        filters: Vec<String>,
+        qos: QoS,
+        id: Option<u32>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
     PingReq,
     Disconnect,
 }
@@ -105,6 +119,9 @@ pub enum ConnAck {
         server_keepalive: Option<u16>,
         /// Version 5: the session expiry the broker granted, when it is not the one asked.
         session_expiry: Option<u32>,
+        /// Whether SUBSCRIBE may carry a Subscription Identifier (version 5, unless the broker
+        /// says it does not support them).
+        subscription_ids: bool,
     },
     Refused(Refusal),
 }
@@ -177,14 +194,14 @@ pub fn connack(version: Version, buffer: &mut BytesMut) -> Result<Option<ConnAck
             v311_code: 1,
         })));
     }
-    let (accepted, session_present, server_keepalive, session_expiry) = match version {
+    let (accepted, session_present, server_keepalive, session_expiry, subscription_ids) = match version {
         Version::V311 => match v4::Packet::read(buffer, MAX_PACKET) {
             Ok(v4::Packet::ConnAck(ack)) => {
                 let code = return_code(ack.code);
                 if code != 0 {
                     return Ok(Some(ConnAck::Refused(v311_refusal(code))));
                 }
-                (true, ack.session_present, None, None)
+                (true, ack.session_present, None, None, false)
             }
             Ok(other) => return Err(CodecError(format!("{other:?} instead of CONNACK"))),
             Err(error) => return Err(CodecError(error.to_string())),
@@ -200,6 +217,7 @@ pub fn connack(version: Version, buffer: &mut BytesMut) -> Result<Option<ConnAck
                     ack.session_present,
                     properties.and_then(|p| p.server_keep_alive),
                     properties.and_then(|p| p.session_expiry_interval),
+                    properties.and_then(|p| p.subscription_identifiers_available) != Some(0),
                 )
             }
             Ok(other) => return Err(CodecError(format!("{other:?} instead of CONNACK"))),
@@ -207,7 +225,7 @@ pub fn connack(version: Version, buffer: &mut BytesMut) -> Result<Option<ConnAck
         },
     };
     debug_assert!(accepted);
-    Ok(Some(ConnAck::Accepted { session_present, server_keepalive, session_expiry }))
+    Ok(Some(ConnAck::Accepted { session_present, server_keepalive, session_expiry, subscription_ids }))
 }
 
 /// The next packet at the start of `buffer`, once it is all there (`None` until then).
@@ -230,6 +248,7 @@ fn read_v311(buffer: &mut BytesMut) -> Result<Incoming, CodecError> {
             qos: publish.qos,
             pkid: publish.pkid,
             retain: publish.retain,
+            subscription_ids: Vec::new(),
         }),
         v4::Packet::SubAck(ack) => Incoming::SubAck {
             pkid: ack.pkid,
@@ -269,12 +288,19 @@ fn read_v5(buffer: &mut BytesMut) -> Result<Incoming, CodecError> {
             // Topic aliases are never used: our CONNECT allows none, so every topic is whole.
             let topic = String::from_utf8(publish.topic.to_vec())
                 .map_err(|_| CodecError("a PUBLISH whose topic is not UTF-8".to_owned()))?;
+            let subscription_ids = publish
+                .properties
+                .map(|p| {
+                    p.subscription_identifiers.into_iter().filter_map(|id| u32::try_from(id).ok()).collect()
+                })
+                .unwrap_or_default();
             Incoming::Publish(Received {
                 topic,
                 payload: publish.payload,
                 qos: from_v5(publish.qos),
                 pkid: publish.pkid,
                 retain: publish.retain,
+                subscription_ids,
             })
         }
         v5::Packet::SubAck(ack) => Incoming::SubAck {
@@ -297,7 +323,7 @@ pub fn write(version: Version, packet: Outgoing, out: &mut BytesMut) -> Result<(
         Version::V311 => {
             let packet = match packet {
                 Outgoing::PubAck(pkid) => v4::Packet::PubAck(v4::PubAck::new(pkid)),
-                Outgoing::Subscribe { pkid, filters, qos } => {
+                Outgoing::Subscribe { pkid, filters, qos, .. } => {
                     let mut subscribe = v4::Subscribe::new_many(
                         filters.into_iter().map(|f| v4::SubscribeFilter::new(f, qos)),
                     );
@@ -315,7 +341,7 @@ pub fn write(version: Version, packet: Outgoing, out: &mut BytesMut) -> Result<(
         Version::V5 => {
             let packet = match packet {
                 Outgoing::PubAck(pkid) => v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
-                Outgoing::Subscribe { pkid, filters, qos } => {
+                Outgoing::Subscribe { pkid, filters, qos, id } => {
                     let filters = filters.into_iter().map(|path| v5::Filter {
                         path,
                         qos: to_v5(qos),
@@ -325,7 +351,11 @@ pub fn write(version: Version, packet: Outgoing, out: &mut BytesMut) -> Result<(
                         preserve_retain: false,
                         retain_forward_rule: v5::RetainForwardRule::OnNewSubscribe,
                     });
-                    let mut subscribe = v5::Subscribe::new_many(filters, None);
+                    let properties = id.map(|id| v5::SubscribeProperties {
+                        id: Some(id as usize),
+                        user_properties: Vec::new(),
+                    });
+                    let mut subscribe = v5::Subscribe::new_many(filters, properties);
                     subscribe.pkid = pkid;
                     v5::Packet::Subscribe(subscribe)
                 }
@@ -348,20 +378,8 @@ pub fn subscribe_bytes(filter: &str) -> usize {
     filter.len() + 3
 }
 
-/// The MQTT 3.1.1 CONNACK return code, the number operators know from the original's log line.
-pub fn return_code(code: v4::ConnectReturnCode) -> u8 {
-    match code {
-        v4::ConnectReturnCode::Success => 0,
-        v4::ConnectReturnCode::RefusedProtocolVersion => 1,
-        v4::ConnectReturnCode::BadClientId => 2,
-        v4::ConnectReturnCode::ServiceUnavailable => 3,
-        v4::ConnectReturnCode::BadUserNamePassword => 4,
-        v4::ConnectReturnCode::NotAuthorized => 5,
-    }
-}
-
 /// rumqttc's version 5 codec has a QoS type of its own.
-fn from_v5(qos: rumqttc::v5::mqttbytes::QoS) -> QoS {
+pub(super) fn from_v5(qos: rumqttc::v5::mqttbytes::QoS) -> QoS {
     match qos {
         rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
         rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
@@ -374,133 +392,6 @@ fn to_v5(qos: QoS) -> rumqttc::v5::mqttbytes::QoS {
         QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
         QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
         QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
-    }
-}
-
-fn v311_refusal(code: u8) -> Refusal {
-    let reason = match code {
-        1 => "unacceptable protocol version",
-        2 => "client identifier rejected",
-        3 => "server unavailable",
-        4 => "bad user name or password",
-        5 => "not authorized",
-        _ => "unknown return code",
-    };
-    Refusal { code, reason, v311_code: code }
-}
-
-/// A version 5 CONNACK refusal, with the 3.1.1 number that means the same where there is one
-/// (the original logged those numbers and operators grep for them); otherwise its own code.
-fn v5_connect_refusal(code: v5::ConnectReturnCode) -> Refusal {
-    use v5::ConnectReturnCode as C;
-    let (code, reason, v311) = match code {
-        C::Success => (0, "success", 0),
-        C::RefusedProtocolVersion => (1, "unacceptable protocol version", 1),
-        C::BadClientId => (2, "client identifier rejected", 2),
-        C::ServiceUnavailable => (3, "server unavailable", 3),
-        C::UnspecifiedError => (0x80, "unspecified error", 0x80),
-        C::MalformedPacket => (0x81, "malformed packet", 0x81),
-        C::ProtocolError => (0x82, "protocol error", 0x82),
-        C::ImplementationSpecificError => (0x83, "implementation specific error", 0x83),
-        C::UnsupportedProtocolVersion => (0x84, "unsupported protocol version", 1),
-        C::ClientIdentifierNotValid => (0x85, "client identifier not valid", 2),
-        C::BadUserNamePassword => (0x86, "bad user name or password", 4),
-        C::NotAuthorized => (0x87, "not authorized", 5),
-        C::ServerUnavailable => (0x88, "server unavailable", 3),
-        C::ServerBusy => (0x89, "server busy", 3),
-        C::Banned => (0x8A, "banned", 5),
-        C::BadAuthenticationMethod => (0x8C, "bad authentication method", 4),
-        C::TopicNameInvalid => (0x90, "topic name invalid", 0x90),
-        C::PacketTooLarge => (0x95, "packet too large", 0x95),
-        C::QuotaExceeded => (0x97, "quota exceeded", 0x97),
-        C::PayloadFormatInvalid => (0x99, "payload format invalid", 0x99),
-        C::RetainNotSupported => (0x9A, "retain not supported", 0x9A),
-        C::QoSNotSupported => (0x9B, "QoS not supported", 0x9B),
-        C::UseAnotherServer => (0x9C, "use another server", 0x9C),
-        C::ServerMoved => (0x9D, "server moved", 0x9D),
-        C::ConnectionRateExceeded => (0x9F, "connection rate exceeded", 0x9F),
-    };
-    Refusal { code, reason, v311_code: v311 }
-}
-
-fn suback_grant(code: v5::SubscribeReasonCode) -> Result<QoS, Refusal> {
-    use v5::SubscribeReasonCode as S;
-    let (code, reason) = match code {
-        S::Success(qos) => return Ok(from_v5(qos)),
-        S::Failure | S::Unspecified => (0x80, "unspecified error"),
-        S::ImplementationSpecific => (0x83, "implementation specific error"),
-        S::NotAuthorized => (0x87, "not authorized"),
-        S::TopicFilterInvalid => (0x8F, "topic filter invalid"),
-        S::PkidInUse => (0x91, "packet identifier in use"),
-        S::QuotaExceeded => (0x97, "quota exceeded"),
-        S::SharedSubscriptionsNotSupported => (0x9E, "shared subscriptions not supported"),
-        S::SubscriptionIdNotSupported => (0xA1, "subscription identifiers not supported"),
-        S::WildcardSubscriptionsNotSupported => (0xA2, "wildcard subscriptions not supported"),
-    };
-    Err(Refusal { code, reason, v311_code: code })
-}
-
-fn disconnect_text(code: v5::DisconnectReasonCode, reason_string: Option<&str>) -> String {
-    use v5::DisconnectReasonCode as D;
-    let (number, words) = match code {
-        D::NormalDisconnection => (0x00, "normal disconnection"),
-        D::DisconnectWithWillMessage => (0x04, "disconnect with will message"),
-        D::UnspecifiedError => (0x80, "unspecified error"),
-        D::MalformedPacket => (0x81, "malformed packet"),
-        D::ProtocolError => (0x82, "protocol error"),
-        D::ImplementationSpecificError => (0x83, "implementation specific error"),
-        D::NotAuthorized => (0x87, "not authorized"),
-        D::ServerBusy => (0x89, "server busy"),
-        D::ServerShuttingDown => (0x8B, "server shutting down"),
-        D::KeepAliveTimeout => (0x8D, "keepalive timeout"),
-        D::SessionTakenOver => (0x8E, "session taken over by another client with the same id"),
-        D::TopicFilterInvalid => (0x8F, "topic filter invalid"),
-        D::TopicNameInvalid => (0x90, "topic name invalid"),
-        D::ReceiveMaximumExceeded => (0x93, "receive maximum exceeded"),
-        D::TopicAliasInvalid => (0x94, "topic alias invalid"),
-        D::PacketTooLarge => (0x95, "packet too large"),
-        D::MessageRateTooHigh => (0x96, "message rate too high"),
-        D::QuotaExceeded => (0x97, "quota exceeded"),
-        D::AdministrativeAction => (0x98, "administrative action"),
-        D::PayloadFormatInvalid => (0x99, "payload format invalid"),
-        D::RetainNotSupported => (0x9A, "retain not supported"),
-        D::QoSNotSupported => (0x9B, "QoS not supported"),
-        D::UseAnotherServer => (0x9C, "use another server"),
-        D::ServerMoved => (0x9D, "server moved"),
-        D::SharedSubscriptionNotSupported => (0x9E, "shared subscriptions not supported"),
-        D::ConnectionRateExceeded => (0x9F, "connection rate exceeded"),
-        D::MaximumConnectTime => (0xA0, "maximum connect time"),
-        D::SubscriptionIdentifiersNotSupported => (0xA1, "subscription identifiers not supported"),
-        D::WildcardSubscriptionsNotSupported => (0xA2, "wildcard subscriptions not supported"),
-    };
-    match reason_string {
-        Some(text) if !text.is_empty() => format!("{words} (0x{number:02X}): {text}"),
-        _ => format!("{words} (0x{number:02X})"),
-    }
-}
-
-fn v4_name(packet: &v4::Packet) -> &'static str {
-    match packet {
-        v4::Packet::PubAck(_) => "PUBACK",
-        v4::Packet::PubRec(_) => "PUBREC",
-        v4::Packet::PubRel(_) => "PUBREL",
-        v4::Packet::PubComp(_) => "PUBCOMP",
-        v4::Packet::ConnAck(_) => "CONNACK",
-        v4::Packet::PingReq => "PINGREQ",
-        _ => "an unexpected packet",
-    }
-}
-
-fn v5_name(packet: &v5::Packet) -> &'static str {
-    match packet {
-        v5::Packet::PubAck(_) => "PUBACK",
-        v5::Packet::PubRec(_) => "PUBREC",
-        v5::Packet::PubRel(_) => "PUBREL",
-        v5::Packet::PubComp(_) => "PUBCOMP",
-        v5::Packet::ConnAck(_) => "CONNACK",
-        v5::Packet::Auth(_) => "AUTH",
-        v5::Packet::PingReq(_) => "PINGREQ",
-        _ => "an unexpected packet",
     }
 }
 
@@ -574,10 +465,13 @@ mod tests {
     #[test]
     fn subscribes_ask_for_retain_handling_1_without_retain_as_published() {
         let mut out = BytesMut::new();
-        let packet = Outgoing::Subscribe { pkid: 3, filters: vec!["a/#".into()], qos: QoS::AtLeastOnce };
+        let packet =
+            Outgoing::Subscribe { pkid: 3, filters: vec!["a/#".into()], qos: QoS::AtLeastOnce, id: Some(7) };
         write(Version::V5, packet, &mut out).unwrap();
         // Fixed header, packet id, no properties, the filter, then its options byte.
         assert_eq!(out[out.len() - 1], 0b0001_0001, "QoS 1, Retain Handling 1, no RAP, no No Local");
+        let v5::Packet::Subscribe(subscribe) = v5::Packet::read(&mut out, None).unwrap() else { panic!() };
+        assert_eq!(subscribe.properties.and_then(|p| p.id), Some(7), "the Subscription Identifier");
     }
 
     #[test]

@@ -18,7 +18,7 @@
 use super::protocol::{self, Grants, Outgoing, Refusal};
 use crate::config::MqttSettings;
 use rumqttc::QoS;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// A SUBSCRIBE or UNSUBSCRIBE carries at most this many filters, and about this many bytes:
 /// thousands of flows go out in packets every broker takes.
@@ -51,7 +51,11 @@ impl Subscriptions {
 /// How the broker answered one filter on the current connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
-    Granted(QoS),
+    /// With the Subscription Identifier it was asked with, if any.
+    Granted {
+        qos: QoS,
+        id: Option<u32>,
+    },
     Refused(Refusal),
 }
 
@@ -71,10 +75,24 @@ struct Leaving {
     filter: Option<String>,
 }
 
+/// A packet decided on and not sent yet: at most [`IN_FLIGHT`] are unanswered at a time, so
+/// that tens of thousands of filters never run out of packet ids.
+#[derive(Debug)]
+enum Planned {
+    Subscribe { filters: Vec<String>, id: Option<u32> },
+    Unsubscribe(Vec<Leaving>),
+}
+
+/// SUBSCRIBEs and UNSUBSCRIBEs unanswered at once, at most.
+const IN_FLIGHT: usize = 1_000;
+
 /// What the broker said on the current connection.
 #[derive(Debug, Default)]
 struct Link {
+    /// SUBSCRIBE carries a Subscription Identifier, one filter per packet (MQTT 5).
+    with_ids: bool,
     granted: BTreeMap<String, Grant>,
+    planned: VecDeque<Planned>,
     /// SUBSCRIBEs sent and not yet answered, by packet id: topic filters.
     subscribing: HashMap<u16, Vec<String>>,
     unsubscribing: HashMap<u16, Vec<Leaving>>,
@@ -86,19 +104,43 @@ struct Link {
 
 impl Link {
     fn pkid(&mut self) -> u16 {
-        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-        self.next_pkid
+        loop {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            let id = self.next_pkid;
+            if !self.subscribing.contains_key(&id) && !self.unsubscribing.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Filters on their way to the broker: planned or sent, not answered.
+    fn subscribing(&self) -> BTreeSet<&String> {
+        let planned = self.planned.iter().flat_map(|p| match p {
+            Planned::Subscribe { filters, .. } => filters.iter().collect::<Vec<_>>(),
+            Planned::Unsubscribe(_) => Vec::new(),
+        });
+        self.subscribing.values().flatten().chain(planned).collect()
+    }
+
+    /// Everything being unsubscribed, planned or sent.
+    fn leaving(&self) -> impl Iterator<Item = &Leaving> {
+        let planned = self.planned.iter().flat_map(|p| match p {
+            Planned::Unsubscribe(leaving) => leaving.iter().collect::<Vec<_>>(),
+            Planned::Subscribe { .. } => Vec::new(),
+        });
+        self.unsubscribing.values().flatten().chain(planned)
     }
 }
 
 pub struct SubscriptionSync {
     forms: Subscriptions,
-    wanted: BTreeSet<String>,
+    /// Each wanted filter with its Subscription Identifier.
+    wanted: BTreeMap<String, u32>,
     link: Link,
 }
 
 impl SubscriptionSync {
-    pub fn new(forms: Subscriptions, wanted: BTreeSet<String>) -> SubscriptionSync {
+    pub fn new(forms: Subscriptions, wanted: BTreeMap<String, u32>) -> SubscriptionSync {
         SubscriptionSync { forms, wanted, link: Link::default() }
     }
 
@@ -108,38 +150,38 @@ impl SubscriptionSync {
 
     /// The broker forms of every wanted filter.
     pub fn wanted_forms(&self) -> Vec<String> {
-        self.wanted.iter().map(|f| self.forms.broker_filter(f)).collect()
+        self.wanted.keys().map(|f| self.forms.broker_filter(f)).collect()
     }
 
-    /// A new connection: every wanted filter is subscribed. `persistent`: the broker may hold
-    /// forms of earlier connections, to be looked at with [`SubscriptionSync::held`].
-    pub fn connected(&mut self, persistent: bool) -> Vec<Outgoing> {
-        self.link = Link { held_checked: !persistent, ..Link::default() };
-        self.sync()
+    /// A new connection: every wanted filter is to be subscribed. `persistent`: the broker may
+    /// hold forms of earlier connections, to be looked at with [`SubscriptionSync::held`].
+    /// `with_ids`: SUBSCRIBE carries Subscription Identifiers (MQTT 5, if the broker has them).
+    pub fn connected(&mut self, persistent: bool, with_ids: bool) {
+        self.link = Link { held_checked: !persistent, with_ids, ..Link::default() };
+        self.sync();
     }
 
     /// Asks for exactly `filters`. Filters the broker refused on this connection are asked for
     /// again: an operator who fixed the broker's ACL reloads the flows to retry.
-    pub fn want(&mut self, filters: BTreeSet<String>) -> Vec<Outgoing> {
+    pub fn want(&mut self, filters: BTreeMap<String, u32>) {
         self.wanted = filters;
-        self.link.granted.retain(|_, grant| matches!(grant, Grant::Granted(_)));
-        self.sync()
+        self.link.granted.retain(|_, grant| matches!(grant, Grant::Granted { .. }));
+        self.sync();
     }
 
     /// The forms this client id may hold from earlier connections (`None` when they could not
     /// be read): those no flow needs are unsubscribed.
-    pub fn held(&mut self, held: Option<BTreeSet<String>>) -> Vec<Outgoing> {
+    pub fn held(&mut self, held: Option<BTreeSet<String>>) {
         self.link.held_checked = true;
-        let Some(held) = held else { return Vec::new() };
+        let Some(held) = held else { return };
         let wanted: BTreeSet<String> = self.wanted_forms().into_iter().collect();
-        let leaving: BTreeSet<&String> =
-            self.link.unsubscribing.values().flatten().map(|l| &l.form).collect();
+        let leaving: BTreeSet<&String> = self.link.leaving().map(|l| &l.form).collect();
         let stale: Vec<Leaving> = held
             .into_iter()
             .filter(|form| !wanted.contains(form) && !leaving.contains(form))
             .map(|form| Leaving { form, filter: None })
             .collect();
-        self.unsubscribe(stale)
+        self.plan_unsubscribe(stale);
     }
 
     /// Records a SUBACK. `None` when it answers nothing we sent on this connection.
@@ -154,7 +196,7 @@ impl SubscriptionSync {
                         report.downgraded.push((filter.clone(), qos));
                     }
                     report.accepted.push(filter.clone());
-                    Grant::Granted(qos)
+                    Grant::Granted { qos, id: self.id_of(&filter) }
                 }
                 Err(refusal) => {
                     report.refused.push((filter.clone(), refusal.clone()));
@@ -163,33 +205,87 @@ impl SubscriptionSync {
             };
             self.link.granted.insert(filter, grant);
         }
+        // A filter whose identifier changed while its SUBSCRIBE was out goes again. Only the
+        // filters answered are looked at: a full sync per SUBACK would cost the square of the
+        // number of flows on a connection.
+        let changed: Vec<String> = report
+            .accepted
+            .iter()
+            .filter(|f| match (self.link.granted.get(*f), self.wanted.get(*f)) {
+                (Some(Grant::Granted { id, .. }), Some(_)) => *id != self.id_of(f),
+                _ => false,
+            })
+            .cloned()
+            .collect();
+        self.plan_subscribe(changed);
+        // A filter dropped from the flows while its SUBSCRIBE was out goes away again.
+        let unwanted: Vec<Leaving> = report
+            .accepted
+            .iter()
+            .filter(|f| !self.wanted.contains_key(*f))
+            .map(|f| Leaving { form: self.forms.broker_filter(f), filter: Some(f.clone()) })
+            .collect();
+        self.plan_unsubscribe(unwanted);
         Some(report)
     }
 
-    /// Records an UNSUBACK: the forms now gone, and the packets to send next (a filter wanted
-    /// again meanwhile is subscribed again now). `None` when it answers nothing we sent.
-    pub fn unsuback(&mut self, pkid: u16) -> Option<(Vec<String>, Vec<Outgoing>)> {
+    /// Records an UNSUBACK: the forms now gone (a filter wanted again meanwhile is subscribed
+    /// again now). `None` when it answers nothing we sent.
+    pub fn unsuback(&mut self, pkid: u16) -> Option<Vec<String>> {
         let gone = self.link.unsubscribing.remove(&pkid)?;
+        let mut wanted_again = Vec::new();
         for leaving in &gone {
             if let Some(filter) = &leaving.filter {
                 self.link.granted.remove(filter);
+                if self.wanted.contains_key(filter) {
+                    wanted_again.push(filter.clone());
+                }
             }
         }
-        let forms = gone.into_iter().map(|l| l.form).collect();
-        Some((forms, self.sync()))
+        self.plan_subscribe(wanted_again);
+        Some(gone.into_iter().map(|l| l.form).collect())
     }
 
-    /// The SUBSCRIBEs and UNSUBSCRIBEs that bring the connection to the wanted set.
-    fn sync(&mut self) -> Vec<Outgoing> {
-        let in_progress: BTreeSet<&String> = self.link.subscribing.values().flatten().collect();
-        let leaving: BTreeSet<&String> =
-            self.link.unsubscribing.values().flatten().filter_map(|l| l.filter.as_ref()).collect();
+    /// The packets to send now: what is planned, within [`IN_FLIGHT`] unanswered packets.
+    pub fn packets(&mut self) -> Vec<Outgoing> {
+        let mut packets = Vec::new();
+        while self.link.subscribing.len() + self.link.unsubscribing.len() < IN_FLIGHT {
+            let Some(planned) = self.link.planned.pop_front() else { break };
+            let pkid = self.link.pkid();
+            match planned {
+                Planned::Subscribe { filters, id } => {
+                    let forms = filters.iter().map(|f| self.forms.broker_filter(f)).collect();
+                    packets.push(Outgoing::Subscribe { pkid, filters: forms, qos: self.forms.qos, id });
+                    self.link.subscribing.insert(pkid, filters);
+                }
+                Planned::Unsubscribe(leaving) => {
+                    let filters = leaving.iter().map(|l| l.form.clone()).collect();
+                    packets.push(Outgoing::Unsubscribe { pkid, filters });
+                    self.link.unsubscribing.insert(pkid, leaving);
+                }
+            }
+        }
+        packets
+    }
+
+    /// The identifier `filter` is subscribed with on this connection.
+    fn id_of(&self, filter: &str) -> Option<u32> {
+        self.link.with_ids.then(|| self.wanted.get(filter).copied()).flatten()
+    }
+
+    /// Plans the SUBSCRIBEs and UNSUBSCRIBEs that bring the connection to the wanted set.
+    fn sync(&mut self) {
+        let subscribing = self.link.subscribing();
+        let leaving: BTreeSet<&String> = self.link.leaving().filter_map(|l| l.filter.as_ref()).collect();
         // A filter still being unsubscribed waits for its UNSUBACK, which syncs again.
         let new: Vec<String> = self
             .wanted
-            .iter()
-            .filter(|f| {
-                !self.link.granted.contains_key(*f) && !in_progress.contains(f) && !leaving.contains(f)
+            .keys()
+            .filter(|f| !subscribing.contains(f) && !leaving.contains(f))
+            .filter(|f| match self.link.granted.get(*f) {
+                None => true,
+                Some(Grant::Granted { id, .. }) => *id != self.id_of(f),
+                Some(Grant::Refused(_)) => false,
             })
             .cloned()
             .collect();
@@ -198,38 +294,44 @@ impl SubscriptionSync {
             .granted
             .iter()
             .filter(|(f, grant)| {
-                !self.wanted.contains(*f) && !leaving.contains(f) && matches!(grant, Grant::Granted(_))
+                !self.wanted.contains_key(*f)
+                    && !leaving.contains(f)
+                    && matches!(grant, Grant::Granted { .. })
             })
             .map(|(f, _)| Leaving { form: self.forms.broker_filter(f), filter: Some(f.clone()) })
             .collect();
-        let mut packets = Vec::new();
-        for chunk in chunks(new, |f| protocol::subscribe_bytes(&self.forms.broker_filter(f))) {
-            let pkid = self.link.pkid();
-            let filters = chunk.iter().map(|f| self.forms.broker_filter(f)).collect();
-            packets.push(Outgoing::Subscribe { pkid, filters, qos: self.forms.qos });
-            self.link.subscribing.insert(pkid, chunk);
-        }
-        packets.extend(self.unsubscribe(old));
-        packets
+        self.plan_subscribe(new);
+        self.plan_unsubscribe(old);
     }
 
-    fn unsubscribe(&mut self, leaving: Vec<Leaving>) -> Vec<Outgoing> {
-        let mut packets = Vec::new();
-        for chunk in chunks(leaving, |l| protocol::subscribe_bytes(&l.form)) {
-            let pkid = self.link.pkid();
-            let filters = chunk.iter().map(|l| l.form.clone()).collect();
-            packets.push(Outgoing::Unsubscribe { pkid, filters });
-            self.link.unsubscribing.insert(pkid, chunk);
+    fn plan_subscribe(&mut self, filters: Vec<String>) {
+        if self.link.with_ids {
+            // An identifier is per packet: one filter each.
+            for filter in filters {
+                let id = self.wanted.get(&filter).copied();
+                self.link.planned.push_back(Planned::Subscribe { filters: vec![filter], id });
+            }
+        } else {
+            for filters in chunks(filters, |f| protocol::subscribe_bytes(&self.forms.broker_filter(f))) {
+                self.link.planned.push_back(Planned::Subscribe { filters, id: None });
+            }
         }
-        packets
+    }
+
+    fn plan_unsubscribe(&mut self, leaving: Vec<Leaving>) {
+        for chunk in chunks(leaving, |l| protocol::subscribe_bytes(&l.form)) {
+            self.link.planned.push_back(Planned::Unsubscribe(chunk));
+        }
+    }
+
+    /// Nothing planned and nothing unanswered.
+    pub fn idle(&self) -> bool {
+        self.link.planned.is_empty() && self.link.subscribing.is_empty() && self.link.unsubscribing.is_empty()
     }
 
     /// Every wanted filter answered, nothing in progress, no form left that no flow needs.
     pub fn is_ready(&self) -> bool {
-        self.link.held_checked
-            && self.link.subscribing.is_empty()
-            && self.link.unsubscribing.is_empty()
-            && self.wanted.iter().all(|f| self.link.granted.contains_key(f))
+        self.link.held_checked && self.idle() && self.wanted.keys().all(|f| self.link.granted.contains_key(f))
     }
 
     /// Each refused filter with the broker's reason, for `/readyz`.
@@ -239,7 +341,7 @@ impl SubscriptionSync {
             .iter()
             .filter_map(|(filter, grant)| match grant {
                 Grant::Refused(refusal) => Some(format!("{filter} ({})", refusal.reason)),
-                Grant::Granted(_) => None,
+                Grant::Granted { .. } => None,
             })
             .collect()
     }
@@ -269,7 +371,11 @@ fn chunks<T>(items: Vec<T>, bytes: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
 mod tests {
     use super::*;
 
-    fn set(filters: &[&str]) -> BTreeSet<String> {
+    fn set(filters: &[&str]) -> BTreeMap<String, u32> {
+        filters.iter().enumerate().map(|(i, f)| (f.to_string(), i as u32 + 1)).collect()
+    }
+
+    fn forms(filters: &[&str]) -> BTreeSet<String> {
         filters.iter().map(|f| f.to_string()).collect()
     }
 
@@ -290,16 +396,23 @@ mod tests {
         (subscribed, unsubscribed)
     }
 
-    /// Answers every SUBSCRIBE in `packets` with QoS 1 and every UNSUBSCRIBE, as a broker would.
-    fn answer(sync: &mut SubscriptionSync, packets: Vec<Outgoing>) {
-        let mut queue = packets;
-        while let Some(packet) = queue.pop() {
-            match packet {
-                Outgoing::Subscribe { pkid, filters, .. } => {
-                    sync.suback(pkid, filters.iter().map(|_| Ok(QoS::AtLeastOnce)).collect()).unwrap();
+    /// Answers every packet the sync sends, as a broker would, until nothing is left to send.
+    fn answer_all(sync: &mut SubscriptionSync) {
+        loop {
+            let packets = sync.packets();
+            if packets.is_empty() {
+                return;
+            }
+            for packet in packets {
+                match packet {
+                    Outgoing::Subscribe { pkid, filters, .. } => {
+                        sync.suback(pkid, filters.iter().map(|_| Ok(QoS::AtLeastOnce)).collect()).unwrap();
+                    }
+                    Outgoing::Unsubscribe { pkid, .. } => {
+                        sync.unsuback(pkid).unwrap();
+                    }
+                    _ => {}
                 }
-                Outgoing::Unsubscribe { pkid, .. } => queue.extend(sync.unsuback(pkid).unwrap().1),
-                _ => {}
             }
         }
     }
@@ -308,52 +421,98 @@ mod tests {
     fn every_connection_subscribes_every_wanted_filter() {
         let mut sync = SubscriptionSync::new(shared("g"), set(&["a/#", "b"]));
         for _ in 0..2 {
-            let packets = sync.connected(false);
+            sync.connected(false, false);
+            let packets = sync.packets();
+            assert_eq!(packets.len(), 1, "one packet without identifiers");
             assert_eq!(sent(&packets).0, vec!["$share/g/a/#", "$share/g/b"]);
             assert!(!sync.is_ready());
-            answer(&mut sync, packets);
+            let Outgoing::Subscribe { pkid, .. } = packets[0] else { panic!() };
+            sync.suback(pkid, vec![Ok(QoS::AtLeastOnce); 2]).unwrap();
             assert!(sync.is_ready());
         }
     }
 
     #[test]
+    fn with_identifiers_each_filter_has_a_packet_and_its_own_identifier() {
+        let mut sync = SubscriptionSync::new(shared("g"), set(&["a/#", "a/+/c"]));
+        sync.connected(false, true);
+        let packets = sync.packets();
+        let ids: Vec<(Vec<String>, Option<u32>)> = packets
+            .iter()
+            .map(|p| match p {
+                Outgoing::Subscribe { filters, id, .. } => (filters.clone(), *id),
+                _ => panic!(),
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            vec![(vec!["$share/g/a/#".to_owned()], Some(1)), (vec!["$share/g/a/+/c".to_owned()], Some(2))]
+        );
+        for packet in packets {
+            let Outgoing::Subscribe { pkid, .. } = packet else { panic!() };
+            sync.suback(pkid, vec![Ok(QoS::AtLeastOnce)]).unwrap();
+        }
+        assert!(sync.is_ready());
+        // An identifier that changes (another filter took its value) is sent again.
+        let mut changed = set(&["a/#", "a/+/c"]);
+        changed.insert("a/#".into(), 9);
+        sync.want(changed);
+        assert_eq!(sent(&sync.packets()).0, vec!["$share/g/a/#"]);
+    }
+
+    #[test]
     fn forms_held_that_no_flow_needs_are_unsubscribed_before_ready() {
         let mut sync = SubscriptionSync::new(shared("g2"), set(&["a"]));
-        let packets = sync.connected(true);
-        answer(&mut sync, packets);
+        sync.connected(true, false);
+        answer_all(&mut sync);
         assert!(!sync.is_ready(), "not ready before the held forms were looked at");
-        let packets = sync.held(Some(set(&["$share/g1/a", "$share/g2/a", "old/#"])));
+        sync.held(Some(forms(&["$share/g1/a", "$share/g2/a", "old/#"])));
+        let packets = sync.packets();
         assert_eq!(sent(&packets).1, vec!["$share/g1/a", "old/#"]);
         assert!(!sync.is_ready());
         let Outgoing::Unsubscribe { pkid, .. } = packets[0] else { panic!() };
-        let (gone, next) = sync.unsuback(pkid).unwrap();
-        assert_eq!(gone, vec!["$share/g1/a", "old/#"]);
-        assert!(next.is_empty());
+        assert_eq!(sync.unsuback(pkid).unwrap(), vec!["$share/g1/a", "old/#"]);
+        assert!(sync.packets().is_empty());
         assert!(sync.is_ready());
     }
 
     #[test]
     fn a_filter_wanted_again_while_it_is_unsubscribed_is_subscribed_after_the_unsuback() {
         let mut sync = SubscriptionSync::new(shared("g"), set(&["a"]));
-        let packets = sync.connected(false);
-        answer(&mut sync, packets);
-        let leaving = sync.want(set(&[]));
+        sync.connected(false, false);
+        answer_all(&mut sync);
+        sync.want(set(&[]));
+        let leaving = sync.packets();
         assert_eq!(sent(&leaving).1, vec!["$share/g/a"]);
-        assert!(sync.want(set(&["a"])).is_empty(), "waits for the UNSUBACK");
+        sync.want(set(&["a"]));
+        assert!(sync.packets().is_empty(), "waits for the UNSUBACK");
         let Outgoing::Unsubscribe { pkid, .. } = leaving[0] else { panic!() };
-        let (_, next) = sync.unsuback(pkid).unwrap();
+        sync.unsuback(pkid).unwrap();
+        let next = sync.packets();
         assert_eq!(sent(&next).0, vec!["$share/g/a"], "the UNSUBACK syncs again");
-        answer(&mut sync, next);
+        let Outgoing::Subscribe { pkid, .. } = next[0] else { panic!() };
+        sync.suback(pkid, vec![Ok(QoS::AtLeastOnce)]).unwrap();
         assert!(sync.is_ready());
     }
 
     #[test]
+    fn a_filter_dropped_while_its_subscribe_is_out_is_unsubscribed_once_granted() {
+        let mut sync = SubscriptionSync::new(shared("g"), set(&["a"]));
+        sync.connected(false, true);
+        let packets = sync.packets();
+        sync.want(set(&[]));
+        assert!(sync.packets().is_empty());
+        let Outgoing::Subscribe { pkid, .. } = packets[0] else { panic!() };
+        sync.suback(pkid, vec![Ok(QoS::AtLeastOnce)]).unwrap();
+        assert_eq!(sent(&sync.packets()).1, vec!["$share/g/a"]);
+    }
+
+    #[test]
     fn refusals_are_kept_with_their_reason_and_retried_on_the_next_want() {
-        let mut sync = SubscriptionSync::new(
-            Subscriptions { qos: QoS::AtLeastOnce, shared_group: None },
-            set(&["x", "y"]),
-        );
-        let packets = sync.connected(false);
+        let plain = Subscriptions { qos: QoS::AtLeastOnce, shared_group: None };
+        let mut sync = SubscriptionSync::new(plain, set(&["x", "y"]));
+        sync.connected(false, false);
+        let packets = sync.packets();
         let Outgoing::Subscribe { pkid, .. } = packets[0] else { panic!() };
         let denied = Refusal { code: 0x87, reason: "not authorized", v311_code: 0x87 };
         let report = sync.suback(pkid, vec![Err(denied.clone()), Ok(QoS::AtMostOnce)]).unwrap();
@@ -361,18 +520,33 @@ mod tests {
         assert_eq!(report.downgraded, vec![("y".to_owned(), QoS::AtMostOnce)]);
         assert!(sync.is_ready(), "a refusal is an answer");
         assert_eq!(sync.refused(), vec!["x (not authorized)"]);
-        assert_eq!(sent(&sync.want(set(&["x", "y"]))).0, vec!["x"]);
+        sync.want(set(&["x", "y"]));
+        assert_eq!(sent(&sync.packets()).0, vec!["x"]);
     }
 
     #[test]
-    fn thousands_of_filters_go_out_in_bounded_packets() {
-        let wanted: BTreeSet<String> = (0..2_500).map(|i| format!("devices/{i:05}/#")).collect();
-        let mut sync = SubscriptionSync::new(shared("g"), wanted);
-        let packets = sync.connected(false);
+    fn thousands_of_filters_go_out_in_bounded_packets_and_bounded_flight() {
+        let wanted: BTreeMap<String, u32> =
+            (0..2_500).map(|i| (format!("devices/{i:05}/#"), i + 1)).collect();
+        let mut sync = SubscriptionSync::new(shared("g"), wanted.clone());
+        sync.connected(false, false);
+        let packets = sync.packets();
         assert_eq!(packets.len(), 25);
         assert_eq!(sent(&packets).0.len(), 2_500);
         let long = "x".repeat(250);
         let many: Vec<String> = (0..100).map(|i| format!("{long}{i}")).collect();
         assert!(chunks(many, |f| protocol::subscribe_bytes(f)).len() > 1, "bytes bound a packet too");
+        // With identifiers, a packet each, at most IN_FLIGHT unanswered.
+        let mut sync = SubscriptionSync::new(shared("g"), wanted);
+        sync.connected(false, true);
+        let first = sync.packets();
+        assert_eq!(first.len(), IN_FLIGHT);
+        assert!(sync.packets().is_empty(), "the rest waits for answers");
+        for packet in first {
+            let Outgoing::Subscribe { pkid, .. } = packet else { panic!() };
+            sync.suback(pkid, vec![Ok(QoS::AtLeastOnce)]).unwrap();
+        }
+        answer_all(&mut sync);
+        assert!(sync.is_ready());
     }
 }

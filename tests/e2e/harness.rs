@@ -240,6 +240,16 @@ pub async fn eventually_within(limit: Duration, what: &str, mut check: impl FnMu
         .await
 }
 
+/// Lines saying the broker granted a subscription to `filter` (one SUBACK may answer several).
+pub fn subscribed(gateway: &Gateway, filter: &str) -> usize {
+    gateway
+        .logs()
+        .lines()
+        .filter_map(|line| line.split_once("Subscribed to ").map(|(_, list)| list))
+        .filter(|list| list.split(", ").any(|f| f == filter))
+        .count()
+}
+
 pub async fn wait_log(gateway: &Gateway, needle: &str) {
     poll_until(&format!("a log line with {needle:?}"), WAIT, || async move {
         if gateway.count(needle) > 0 {

@@ -122,8 +122,17 @@ async fn a_revoked_privilege_holds_the_stream_until_it_is_granted_again() {
     // the next USE), so the gateway's user gets INSERT table by table.
     let user = format!("lim_{}", env.name);
     let db = env.name.clone();
-    let tables =
-        ["data", "flows", "mqtt_servers", "gateway_outbox", "gateway_outbox_leases", "gateway_flow_stats"];
+    let tables = [
+        "data",
+        "flows",
+        "mqtt_servers",
+        "gateway_outbox",
+        "gateway_outbox_leases",
+        "gateway_flow_stats",
+        "gateway_retained",
+        "gateway_session_filters",
+        "gateway_flows_version",
+    ];
     let mut sql = format!(
         "CREATE USER '{user}'@'%' IDENTIFIED BY 'lim-pw'; \
          GRANT SELECT, UPDATE, DELETE, CREATE, ALTER, INDEX, DROP, LOCK TABLES ON `{db}`.* TO '{user}'@'%'; \

@@ -5,22 +5,12 @@
 use crate::harness::*;
 use rstest::rstest;
 use std::time::Duration;
-use testkit::{Gateway, Mosquitto};
+use testkit::Mosquitto;
 
 /// A broker that saves its state only at a clean stop (or after an hour): a crash loses every
 /// subscription made since its last start.
 const SAVES_RARELY: &str =
     "allow_anonymous true\npersistence true\npersistence_location {dir}/\nautosave_interval 3600\n";
-
-/// Lines saying the broker granted a subscription to `filter` (one SUBACK may answer several).
-fn subscribed(gateway: &Gateway, filter: &str) -> usize {
-    gateway
-        .logs()
-        .lines()
-        .filter_map(|line| line.split_once("Subscribed to ").map(|(_, list)| list))
-        .filter(|list| list.split(", ").any(|f| f == filter))
-        .count()
-}
 
 #[rstest]
 #[case::mqtt5("5")]
@@ -170,4 +160,36 @@ async fn several_instances_apply_a_new_flow_within_seconds_of_each_other() {
     env.wait_distinct("FIRST", 100, WAIT).await;
     env.wait_distinct("SECOND", 100, WAIT).await;
     assert_eq!(env.distinct_i("SECOND").await, (100, 100), "every message once, whichever instance took it");
+}
+
+#[rstest]
+#[case::one_instance(1)]
+#[case::two_instances_in_a_shared_group(2)]
+#[tokio::test]
+async fn with_overlapping_filters_each_flow_stores_a_message_once(#[case] instances: usize) {
+    // MQTT 5 lets the broker send a copy per matching subscription (Mosquitto does): each copy
+    // names its Subscription Identifier, and goes to that filter's flows alone.
+    let mut env = TestEnv::new().await;
+    let topic = env.topic("a/b/c");
+    env.add_flow("EXACT", &topic, "STORE_DB", "{}", None).await;
+    env.add_flow("PLUS", &env.topic("a/+/c"), "STORE_DB", "{}", None).await;
+    env.add_flow("HASH", &env.topic("a/#"), "STORE_DB", "{}", None).await;
+    env.add_flow("HASH_TOO", &env.topic("a/#"), "STORE_DB", "{}", None).await;
+    if instances > 1 {
+        env.set("MQTT_SHARED_GROUP", "overlap");
+    }
+    let mut gateways = Vec::new();
+    for i in 0..instances {
+        env.set("MQTT_CLIENT_ID", format!("{}-{i}", env.name));
+        gateways.push(env.start().await);
+    }
+    publish_numbered(shared().broker.port, topic.clone(), 1..=50, "").await;
+    for code in ["EXACT", "PLUS", "HASH", "HASH_TOO"] {
+        env.wait_distinct(code, 50, WAIT).await;
+    }
+    // Late copies would arrive within moments.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for code in ["EXACT", "PLUS", "HASH", "HASH_TOO"] {
+        assert_eq!(env.distinct_i(code).await, (50, 50), "{code}: each message once");
+    }
 }
