@@ -121,7 +121,7 @@ impl FlowSet {
                 Err(broken) => set.broken.push(broken),
             }
         }
-        let ids = subscription_ids(flows.iter().map(|f| f.filter.as_str()));
+        let ids = subscription_ids(flows.iter().map(|f| &f.filter));
         for mut flow in flows {
             flow.subscription_id = ids[flow.filter.as_str()];
             set.flows.push(Arc::new(flow));
@@ -136,8 +136,8 @@ impl FlowSet {
 
     /// Each distinct filter with its MQTT 5 Subscription Identifier. With overlapping filters
     /// (`a/#` and `a/+/c`) a version 5 broker may send one copy of a message per matching
-    /// subscription, each naming its identifier: the copy then goes only to the flows of that
-    /// filter, so each flow takes the message once.
+    /// subscription, each naming its identifier: the copy then goes only to the flows of the
+    /// filter it names that matches, so each flow takes the message once.
     pub fn subscriptions(&self) -> BTreeMap<String, u32> {
         self.flows.iter().map(|f| (f.filter.as_str().to_owned(), f.subscription_id)).collect()
     }
@@ -159,21 +159,27 @@ impl FlowSet {
 /// Subscription Identifiers are 1 to 268,435,455.
 const MAX_SUBSCRIPTION_ID: u32 = 268_435_455;
 
-/// A Subscription Identifier per distinct filter, the same for a filter across restarts and
-/// flow changes (the broker keeps it with a queued message): from a hash of the filter, with
-/// the next free value on the rare collision.
-fn subscription_ids<'a>(filters: impl Iterator<Item = &'a str>) -> BTreeMap<String, u32> {
-    let distinct: BTreeSet<&str> = filters.collect();
+/// A Subscription Identifier per filter: one per shape ([`TopicFilter::shape`]), since filters of
+/// one shape never match the same topic, so that they can share SUBSCRIBE packets; and the same
+/// across restarts and flow changes (the broker keeps it with what it queues for the gateway):
+/// from a hash of the shape, with the next free value on the rare collision of two shapes.
+fn subscription_ids<'a>(filters: impl Iterator<Item = &'a TopicFilter>) -> BTreeMap<String, u32> {
+    let mut by_shape: BTreeMap<String, Vec<&TopicFilter>> = BTreeMap::new();
+    for filter in filters {
+        by_shape.entry(filter.shape()).or_default().push(filter);
+    }
     let mut taken: BTreeSet<u32> = BTreeSet::new();
     let mut ids = BTreeMap::new();
-    for filter in distinct {
-        let digest = sha2::Sha256::digest(filter.as_bytes());
+    for (shape, filters) in by_shape {
+        let digest = sha2::Sha256::digest(shape.as_bytes());
         let mut id =
             u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % MAX_SUBSCRIPTION_ID + 1;
         while !taken.insert(id) {
             id = id % MAX_SUBSCRIPTION_ID + 1;
         }
-        ids.insert(filter.to_owned(), id);
+        for filter in filters {
+            ids.insert(filter.as_str().to_owned(), id);
+        }
     }
     ids
 }
@@ -241,12 +247,15 @@ mod tests {
 
     #[test]
     fn subscription_ids_stay_the_same_whatever_else_is_in_the_set() {
-        let alone = subscription_ids(["x/#"].into_iter());
-        let among: Vec<String> = (0..10_000).map(|i| format!("d/{i}/#")).collect();
-        let crowd = subscription_ids(among.iter().map(String::as_str).chain(["x/#"]));
-        assert_eq!(alone["x/#"], crowd["x/#"]);
-        let distinct: BTreeSet<u32> = crowd.values().copied().collect();
-        assert_eq!(distinct.len(), crowd.len(), "one identifier per filter");
+        let filter = |f: &str| TopicFilter::parse(f).unwrap();
+        let x = filter("x/y/#");
+        let alone = subscription_ids([&x].into_iter());
+        let fleet: Vec<TopicFilter> = (0..10_000).map(|i| filter(&format!("d/{i}/#"))).collect();
+        let alarm = filter("d/+/alarm");
+        let crowd = subscription_ids(fleet.iter().chain([&x, &alarm]));
+        assert_eq!(alone["x/y/#"], crowd["x/y/#"]);
+        assert_eq!(crowd["d/7/#"], crowd["x/y/#"], "one shape, one identifier");
+        assert_ne!(crowd["d/7/#"], crowd["d/+/alarm"], "overlapping filters differ");
         assert!(crowd.values().all(|&id| (1..=MAX_SUBSCRIPTION_ID).contains(&id)));
     }
 }

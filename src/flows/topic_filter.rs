@@ -53,6 +53,22 @@ impl TopicFilter {
     }
 }
 
+impl TopicFilter {
+    /// Where its wildcards are: each level as `+`, `#`, or `L` for a literal. Two different
+    /// filters of one shape never match the same topic (they differ in a literal level, which
+    /// both require), which is what lets them share a Subscription Identifier.
+    pub fn shape(&self) -> String {
+        self.0
+            .split('/')
+            .map(|level| match level {
+                "+" | "#" => level,
+                _ => "L",
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+}
+
 impl fmt::Display for TopicFilter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -82,6 +98,15 @@ mod tests {
     #[case("a/b", "A/b", false)]
     fn topic_filters_match_by_mqtt_rules(#[case] filter: &str, #[case] topic: &str, #[case] hit: bool) {
         assert_eq!(TopicFilter::parse(filter).unwrap().matches(topic), hit, "{filter} vs {topic}");
+    }
+
+    #[test]
+    fn filters_of_one_shape_never_match_one_topic() {
+        let shape = |f: &str| TopicFilter::parse(f).unwrap().shape();
+        assert_eq!(shape("devices/+/alarm"), "L/+/L");
+        assert_eq!(shape("devices/7/#"), shape("devices/8/#"));
+        assert_ne!(shape("a/#"), shape("a/b/#"), "these two overlap, so they differ");
+        assert_ne!(shape("a/+"), shape("a/b"));
     }
 
     #[rstest]
