@@ -169,6 +169,7 @@ impl Processor {
     fn prepare(&self, batch: &[Message]) -> Vec<Item> {
         let flows = Arc::clone(&self.flows.borrow());
         let mut items = Vec::new();
+        let mut found = Vec::new();
         for Message { topic, payload: payload_bytes, retain, subscription_ids, .. } in batch {
             let topic = topic.as_str();
             // A fault switch for the supervision test; compiled out of release builds.
@@ -190,7 +191,7 @@ impl Processor {
             };
             let shared_topic: Arc<str> = Arc::from(topic);
             let mut fingerprint: Option<Arc<Fingerprint>> = None;
-            for flow in flows.routed(topic, subscription_ids) {
+            for flow in flows.routed(topic, subscription_ids, &mut found) {
                 match flow.schema.validate(&payload).and_then(|()| sinks::render(flow, &payload)) {
                     Ok(effect) => {
                         items.push(Item {

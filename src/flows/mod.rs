@@ -11,6 +11,7 @@
 pub mod schema;
 pub mod table;
 pub mod topic_filter;
+mod tree;
 
 pub use schema::PayloadSchema;
 pub use topic_filter::TopicFilter;
@@ -107,8 +108,11 @@ impl TryFrom<FlowRow> for Flow {
 /// Every enabled flow at one moment, as the message path sees it.
 #[derive(Debug, Default, Clone)]
 pub struct FlowSet {
+    /// In id order: a message goes to its flows in that order.
     pub flows: Vec<Arc<Flow>>,
     pub broken: Vec<BrokenFlow>,
+    /// Indexes into `flows` by topic filter.
+    tree: tree::TopicTree,
 }
 
 impl FlowSet {
@@ -124,6 +128,7 @@ impl FlowSet {
         let ids = subscription_ids(flows.iter().map(|f| &f.filter));
         for mut flow in flows {
             flow.subscription_id = ids[flow.filter.as_str()];
+            set.tree.insert(&flow.filter, set.flows.len() as u32);
             set.flows.push(Arc::new(flow));
         }
         set
@@ -142,17 +147,36 @@ impl FlowSet {
         self.flows.iter().map(|f| (f.filter.as_str().to_owned(), f.subscription_id)).collect()
     }
 
-    /// The flows a message on `topic` goes to, in `id` order.
-    pub fn matching<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a Arc<Flow>> + 'a {
-        self.flows.iter().filter(move |f| f.filter.matches(topic))
+    /// The flows a message on `topic` goes to, in `id` order: a walk down the topic's levels,
+    /// whatever the number of flows. `found` is scratch space, reused across calls.
+    pub fn matching<'a>(
+        &'a self,
+        topic: &str,
+        found: &'a mut Vec<u32>,
+    ) -> impl Iterator<Item = &'a Arc<Flow>> + 'a {
+        found.clear();
+        self.tree.matches(topic, found);
+        found.sort_unstable();
+        found.iter().map(|&i| &self.flows[i as usize])
     }
 
     /// The flows one copy of a message goes to: those of the subscriptions it names (MQTT 5),
     /// or every matching flow when it names none, or none of ours (a 3.1.1 broker, or a copy
     /// queued for a subscription made before the flows changed: nothing is dropped for it).
-    pub fn routed<'a>(&'a self, topic: &'a str, ids: &'a [u32]) -> impl Iterator<Item = &'a Arc<Flow>> + 'a {
-        let named = !ids.is_empty() && self.matching(topic).any(|f| ids.contains(&f.subscription_id));
-        self.matching(topic).filter(move |f| !named || ids.contains(&f.subscription_id))
+    pub fn routed<'a>(
+        &'a self,
+        topic: &str,
+        ids: &[u32],
+        found: &'a mut Vec<u32>,
+    ) -> impl Iterator<Item = &'a Arc<Flow>> + 'a {
+        found.clear();
+        self.tree.matches(topic, found);
+        let named = |i: &u32| ids.contains(&self.flows[*i as usize].subscription_id);
+        if !ids.is_empty() && found.iter().any(named) {
+            found.retain(named);
+        }
+        found.sort_unstable();
+        found.iter().map(|&i| &self.flows[i as usize])
     }
 }
 
@@ -223,7 +247,7 @@ mod tests {
         ]);
         assert_eq!(set.flows.len(), 2);
         assert_eq!(set.broken.len(), 1);
-        assert_eq!(set.matching("s/x").count(), 2);
+        assert_eq!(set.matching("s/x", &mut Vec::new()).count(), 2);
         assert_eq!(set.filters().into_iter().collect::<Vec<_>>(), vec!["s/#", "s/+"]);
     }
 
@@ -237,7 +261,8 @@ mod tests {
         let ids = set.subscriptions();
         assert_eq!(ids.len(), 2);
         assert_ne!(ids["a/#"], ids["a/+/c"]);
-        let routed = |named: &[u32]| set.routed("a/b/c", named).map(|f| f.id).collect::<Vec<_>>();
+        let routed =
+            |named: &[u32]| set.routed("a/b/c", named, &mut Vec::new()).map(|f| f.id).collect::<Vec<_>>();
         assert_eq!(routed(&[ids["a/#"]]), vec![1, 3]);
         assert_eq!(routed(&[ids["a/+/c"]]), vec![2]);
         assert_eq!(routed(&[ids["a/+/c"], ids["a/#"]]), vec![1, 2, 3], "one copy for both");
