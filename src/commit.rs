@@ -216,17 +216,12 @@ async fn transaction(
         *counts.entry(all[i].flow.id).or_default() += 1;
     }
     // The next id to hand out per flow; absent when the flow row is gone.
-    let mut next_id: HashMap<i32, i32> = HashMap::new();
-    for (&flow_id, &count) in &counts {
-        match table::advance_counter(&mut tx, flow_id, count).await {
-            Ok(last) => {
-                next_id.insert(flow_id, last - count + 1);
-            }
-            Err(table::CounterError::FlowGone(_)) => {}
-            Err(table::CounterError::Db(e)) => return Err(e.into()),
-            Err(table::CounterError::Overflow(flow)) => return Err(WriteError::CounterOverflow(flow)),
-        }
-    }
+    let mut next_id: HashMap<i32, i32> = match table::advance_counters(&mut tx, &counts).await {
+        Ok(last) => last.into_iter().map(|(flow, last)| (flow, last - counts[&flow] + 1)).collect(),
+        Err(table::CounterError::FlowGone(_)) => HashMap::new(),
+        Err(table::CounterError::Db(e)) => return Err(e.into()),
+        Err(table::CounterError::Overflow(flow)) => return Err(WriteError::CounterOverflow(flow)),
+    };
     let mut rows = Rows::default();
     for i in writable {
         let item = &all[i];

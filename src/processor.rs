@@ -119,6 +119,7 @@ impl Processor {
         };
         let mut queued: Vec<i32> = Vec::new();
         let mut resent = 0;
+        let now = Utc::now().timestamp() as f64;
         for (i, outcome) in outcomes {
             let item = &items[i];
             match outcome {
@@ -141,10 +142,8 @@ impl Processor {
                     );
                 }
                 Outcome::Written(msg_id) => {
-                    metrics::counter!("mqtt_gateway_messages_processed_total", "flow" => item.flow.code.clone(), "action" => item.flow.action.name())
-                        .increment(1);
-                    metrics::gauge!("mqtt_gateway_last_message_timestamp_seconds", "flow" => item.flow.code.clone())
-                        .set(Utc::now().timestamp() as f64);
+                    item.flow.processed().increment(1);
+                    item.flow.last_message().set(now);
                     tracing::debug!(flow_code = %item.flow.code, msg_id, "Flow {} took message {msg_id}", item.flow.code);
                     match item.effect.committed(&item.flow) {
                         AfterCommit::Done => {}
@@ -213,8 +212,7 @@ impl Processor {
 
 /// The original's per-flow failure line; `kind` goes in the journal's `ERROR_KIND` field.
 fn report(flow: &Flow, topic: &str, kind: &'static str, reason: &str) {
-    metrics::counter!("mqtt_gateway_messages_failed_total", "flow" => flow.code.clone(), "action" => flow.action.name())
-        .increment(1);
+    flow.failed().increment(1);
     tracing::error!(
         flow_code = %flow.code,
         topic = %topic,

@@ -18,7 +18,7 @@ pub use topic_filter::TopicFilter;
 
 use sha2::Digest;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A `flows` row as stored, before any checking.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -59,6 +59,60 @@ pub struct Flow {
     pub schema: PayloadSchema,
     /// The MQTT 5 Subscription Identifier of its filter (see [`FlowSet::subscriptions`]).
     pub subscription_id: u32,
+    metrics: FlowMetrics,
+}
+
+impl Flow {
+    /// `mqtt_gateway_messages_processed_total` of this flow.
+    pub fn processed(&self) -> &metrics::Counter {
+        self.metrics.processed.get_or_init(|| {
+            metrics::counter!("mqtt_gateway_messages_processed_total", "flow" => self.code.clone(), "action" => self.action.name())
+        })
+    }
+
+    /// `mqtt_gateway_messages_failed_total` of this flow.
+    pub fn failed(&self) -> &metrics::Counter {
+        self.metrics.failed.get_or_init(|| {
+            metrics::counter!("mqtt_gateway_messages_failed_total", "flow" => self.code.clone(), "action" => self.action.name())
+        })
+    }
+
+    /// `mqtt_gateway_last_message_timestamp_seconds` of this flow.
+    pub fn last_message(&self) -> &metrics::Gauge {
+        self.metrics.last_message.get_or_init(
+            || metrics::gauge!("mqtt_gateway_last_message_timestamp_seconds", "flow" => self.code.clone()),
+        )
+    }
+}
+
+/// A flow's metric series, each registered the first time it is used: a flow without traffic
+/// has no series (fifty thousand idle flows add nothing to `/metrics`), and a message costs no
+/// label hashing, only the update of a handle kept here for the life of the flow set.
+#[derive(Default)]
+struct FlowMetrics {
+    processed: OnceLock<metrics::Counter>,
+    failed: OnceLock<metrics::Counter>,
+    last_message: OnceLock<metrics::Gauge>,
+}
+
+impl Clone for FlowMetrics {
+    /// A copy starts without handles; they are found again on first use.
+    fn clone(&self) -> FlowMetrics {
+        FlowMetrics::default()
+    }
+}
+
+impl PartialEq for FlowMetrics {
+    /// Handles say nothing about what a flow is.
+    fn eq(&self, _: &FlowMetrics) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for FlowMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlowMetrics")
+    }
 }
 
 /// A row that cannot work, and why.
@@ -101,7 +155,15 @@ impl TryFrom<FlowRow> for Flow {
         let schema_text = row.payload_schema.as_deref().unwrap_or("null");
         let schema =
             PayloadSchema::parse(schema_text).map_err(|e| broken(format!("invalid payload_schema: {e}")))?;
-        Ok(Flow { id: row.id, code: row.code, filter, action, schema, subscription_id: 0 })
+        Ok(Flow {
+            id: row.id,
+            code: row.code,
+            filter,
+            action,
+            schema,
+            subscription_id: 0,
+            metrics: FlowMetrics::default(),
+        })
     }
 }
 

@@ -4,7 +4,8 @@
 //! enable, disable, last message times).
 
 use super::{Flow, FlowRow};
-use sqlx::{MySql, MySqlPool, Transaction};
+use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
+use std::collections::BTreeMap;
 
 /// Every enabled flow, in id order. The schema is read as text so that both MariaDB's JSON
 /// (a LONGTEXT) and MySQL's native JSON type decode.
@@ -20,7 +21,7 @@ pub async fn enabled(pool: &MySqlPool) -> Result<Vec<FlowRow>, sqlx::Error> {
 /// Adds `count` to a flow's counter and returns the new value, in the caller's transaction.
 /// `LAST_INSERT_ID(expr)` hands the new value back with the update, saving a round trip, and
 /// the row lock it takes keeps ids distinct however many writers there are.
-pub async fn advance_counter(
+async fn advance_counter(
     tx: &mut Transaction<'_, MySql>,
     flow_id: i32,
     count: i32,
@@ -34,6 +35,51 @@ pub async fn advance_counter(
         return Err(CounterError::FlowGone(flow_id));
     }
     i32::try_from(done.last_insert_id()).map_err(|_| CounterError::Overflow(flow_id))
+}
+
+/// Adds each flow's count to its counter, in the caller's transaction, and returns each flow's
+/// new counter; a flow missing from the answer no longer exists. Whatever the number of flows
+/// it costs two statements: one reads and locks their rows (in id order, so that instances
+/// writing the same flows never deadlock each other), one writes them all.
+pub async fn advance_counters(
+    tx: &mut Transaction<'_, MySql>,
+    counts: &BTreeMap<i32, i32>,
+) -> Result<BTreeMap<i32, i32>, CounterError> {
+    if let [(&flow, &count)] = counts.iter().collect::<Vec<_>>()[..] {
+        // One flow: one statement.
+        return match advance_counter(tx, flow, count).await {
+            Ok(last) => Ok(BTreeMap::from([(flow, last)])),
+            Err(CounterError::FlowGone(_)) => Ok(BTreeMap::new()),
+            Err(error) => Err(error),
+        };
+    }
+    let mut select = QueryBuilder::<MySql>::new("SELECT id, last_msg_id FROM flows WHERE id IN (");
+    let mut ids = select.separated(", ");
+    for flow in counts.keys() {
+        ids.push_bind(*flow);
+    }
+    select.push(") ORDER BY id FOR UPDATE");
+    let rows: Vec<(i32, i32)> = select.build_query_as().fetch_all(&mut **tx).await?;
+    let mut advanced = BTreeMap::new();
+    for (flow, last) in rows {
+        let next = last.checked_add(counts[&flow]).ok_or(CounterError::Overflow(flow))?;
+        advanced.insert(flow, next);
+    }
+    if advanced.is_empty() {
+        return Ok(advanced);
+    }
+    let mut update = QueryBuilder::<MySql>::new("UPDATE flows SET last_msg_id = CASE id");
+    for (flow, next) in &advanced {
+        update.push(" WHEN ").push_bind(*flow).push(" THEN ").push_bind(*next);
+    }
+    update.push(" END WHERE id IN (");
+    let mut ids = update.separated(", ");
+    for flow in advanced.keys() {
+        ids.push_bind(*flow);
+    }
+    update.push(")");
+    update.build().execute(&mut **tx).await?;
+    Ok(advanced)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -16,6 +16,8 @@ pub struct Window {
     max_bytes: usize,
     used: Mutex<Used>,
     freed: Notify,
+    /// `mqtt_gateway_in_flight_bytes`, found once: it moves with every message.
+    gauge: metrics::Gauge,
 }
 
 impl Window {
@@ -25,6 +27,7 @@ impl Window {
             max_bytes: max_bytes.max(1),
             used: Mutex::default(),
             freed: Notify::new(),
+            gauge: metrics::gauge!("mqtt_gateway_in_flight_bytes"),
         }
     }
 
@@ -37,7 +40,7 @@ impl Window {
         let mut used = self.used();
         used.messages += 1;
         used.bytes += bytes;
-        metrics::gauge!("mqtt_gateway_in_flight_bytes").set(used.bytes as f64);
+        self.gauge.set(used.bytes as f64);
     }
 
     /// A message of `bytes` was acknowledged or given up.
@@ -46,7 +49,7 @@ impl Window {
             let mut used = self.used();
             used.messages = used.messages.saturating_sub(1);
             used.bytes = used.bytes.saturating_sub(bytes);
-            metrics::gauge!("mqtt_gateway_in_flight_bytes").set(used.bytes as f64);
+            self.gauge.set(used.bytes as f64);
         }
         self.freed.notify_waiters();
     }

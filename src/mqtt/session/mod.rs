@@ -62,6 +62,8 @@ pub struct BrokerSession {
     version: Version,
     subscriptions: SubscriptionSync,
     tally: Tally,
+    /// `mqtt_gateway_messages_received_total`, found once: it moves with every message.
+    received: metrics::Counter,
     flows: watch::Receiver<Arc<FlowSet>>,
     /// Callers of [`SubscriptionHandle::want`] waiting for the broker's confirmation.
     waiters: Vec<oneshot::Sender<()>>,
@@ -112,6 +114,7 @@ impl BrokerSession {
             target,
             subscriptions: SubscriptionSync::new(subscriptions, wanted),
             tally: Tally::default(),
+            received: metrics::counter!("mqtt_gateway_messages_received_total"),
             flows,
             waiters: Vec::new(),
             wants,
@@ -369,7 +372,7 @@ impl BrokerSession {
             self.window.release(bytes);
             return;
         };
-        metrics::counter!("mqtt_gateway_messages_received_total").increment(1);
+        self.received.increment(1);
         let ack = AckToken { connection: link.id, pkid: message.pkid, qos: message.qos, bytes };
         let message = Message {
             topic: message.topic,
