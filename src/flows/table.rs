@@ -45,6 +45,9 @@ pub async fn advance_counters(
     tx: &mut Transaction<'_, MySql>,
     counts: &BTreeMap<i32, i32>,
 ) -> Result<BTreeMap<i32, i32>, CounterError> {
+    if counts.is_empty() {
+        return Ok(BTreeMap::new());
+    }
     if let [(&flow, &count)] = counts.iter().collect::<Vec<_>>()[..] {
         // One flow: one statement.
         return match advance_counter(tx, flow, count).await {
