@@ -33,5 +33,6 @@ pub fn demo(args: &[&str]) -> anyhow::Result<()> {
 
 pub fn bench() -> anyhow::Result<()> {
     packages::require("e2e")?;
-    cargo("benchmark", &["bench", "--bench", "throughput"])
+    cargo("benchmark", &["bench", "--bench", "throughput"])?;
+    cargo("benchmark: the number of flows", &["bench", "--bench", "flows"])
 }

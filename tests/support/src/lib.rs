@@ -14,6 +14,7 @@ mod echo;
 pub mod galera;
 mod gateway;
 pub mod mariadb;
+pub mod measure;
 mod mosquitto;
 mod prometheus;
 mod proxy;
