@@ -65,13 +65,22 @@ impl Held {
 }
 
 async fn own(pool: MySqlPool, client_id: String, mut changes: mpsc::UnboundedReceiver<Change>) {
+    // The rows as this task last read or wrote them: it alone writes this client id's rows,
+    // so a form already there is not written again at every connection.
+    let mut present: Option<BTreeSet<String>> = None;
     let mut next = None;
     loop {
-        let Some(change) = next.take().or(changes.recv().await) else { return };
+        let change = match next.take() {
+            Some(change) => change,
+            None => match changes.recv().await {
+                Some(change) => change,
+                None => return,
+            },
+        };
         match change {
             Change::Read(answer) => {
                 let read = tokio::time::timeout(READ_TIMEOUT, forms(&pool, &client_id)).await;
-                let held = match read {
+                present = match read {
                     Ok(Ok(held)) => Some(held),
                     Ok(Err(error)) => {
                         warn_unread(&error.to_string());
@@ -82,35 +91,50 @@ async fn own(pool: MySqlPool, client_id: String, mut changes: mpsc::UnboundedRec
                         None
                     }
                 };
-                let _ = answer.send(held);
+                let _ = answer.send(present.clone());
             }
-            Change::Add(mut forms) => {
-                // Thousands of single-filter SUBSCRIBEs become a few statements.
-                while let Ok(more) = changes.try_recv() {
-                    match more {
-                        Change::Add(more) => forms.extend(more),
-                        other => {
-                            next = Some(other);
-                            break;
-                        }
-                    }
+            Change::Add(forms) => {
+                // Thousands of SUBSCRIBEs at a connection become a few statements.
+                let (forms, after) = gather(forms, &mut changes, true);
+                next = after;
+                let new: Vec<String> = match &present {
+                    Some(present) => forms.into_iter().filter(|f| !present.contains(f)).collect(),
+                    None => forms,
+                };
+                persist(&pool, &client_id, &new, true).await;
+                if let Some(present) = present.as_mut() {
+                    present.extend(new);
                 }
-                persist(&pool, &client_id, &forms, true).await;
             }
-            Change::Remove(mut forms) => {
-                while let Ok(more) = changes.try_recv() {
-                    match more {
-                        Change::Remove(more) => forms.extend(more),
-                        other => {
-                            next = Some(other);
-                            break;
-                        }
-                    }
-                }
+            Change::Remove(forms) => {
+                let (forms, after) = gather(forms, &mut changes, false);
+                next = after;
                 persist(&pool, &client_id, &forms, false).await;
+                if let Some(present) = present.as_mut() {
+                    forms.iter().for_each(|f| {
+                        present.remove(f);
+                    });
+                }
             }
         }
     }
+}
+
+/// `forms` and those of the changes of the same kind (adding or removing) queued right behind
+/// them; the first change of another kind is handed back, to be applied next, in order.
+fn gather(
+    mut forms: Vec<String>,
+    changes: &mut mpsc::UnboundedReceiver<Change>,
+    adding: bool,
+) -> (Vec<String>, Option<Change>) {
+    while let Ok(change) = changes.try_recv() {
+        match change {
+            Change::Add(more) if adding => forms.extend(more),
+            Change::Remove(more) if !adding => forms.extend(more),
+            other => return (forms, Some(other)),
+        }
+    }
+    (forms, None)
 }
 
 fn warn_unread(why: &str) {
