@@ -1,7 +1,8 @@
 //! `cargo xtask rules`: the Prometheus rules the appliance ships (`monitoring/`). `promtool check
-//! rules` on the rules file, `promtool test rules` on `monitoring/tests/`, and two checks of our
-//! own that promtool cannot make: every alert has a test case in which it fires and one in which
-//! it must not, and every gateway series the rules read is one `src/metrics.rs` declares.
+//! rules` on the rules file, `promtool check config` on the Debian example that loads them,
+//! `promtool test rules` on `monitoring/tests/`, and two checks of our own that promtool cannot
+//! make: every alert has a test case in which it fires and one in which it must not, and every
+//! gateway series the rules read is one `src/metrics.rs` declares.
 
 use crate::packages::{self, program};
 use crate::{root, run};
@@ -13,11 +14,17 @@ use std::process::Command;
 const RULES: &str = "monitoring/mqtt-gateway.rules.yml";
 /// The promtool unit tests: every `*.test.yml` there.
 const TESTS: &str = "monitoring/tests";
+/// What a Debian Prometheus adds to its configuration for the gateway.
+const DEBIAN_EXAMPLE: &str = "dist/prometheus/prometheus.yml.example";
 
 pub fn rules() -> anyhow::Result<()> {
     packages::require("rules")?;
     let promtool = program("promtool")?;
     run("promtool check rules", Command::new(&promtool).args(["check", "rules", RULES]))?;
+    run(
+        "promtool check config --syntax-only (the Debian example)",
+        Command::new(&promtool).args(["check", "config", "--syntax-only", DEBIAN_EXAMPLE]),
+    )?;
     let tests = test_files()?;
     run("promtool test rules", Command::new(&promtool).args(["test", "rules"]).args(&tests))?;
 
