@@ -24,6 +24,16 @@ impl Prometheus {
     /// The same, with these rule files loaded (alerting and recording rules, evaluated every
     /// second).
     pub fn start_with_rules(target: &str, rule_files: &[&Path]) -> anyhow::Result<Prometheus> {
+        Prometheus::start_with_args(target, rule_files, &[])
+    }
+
+    /// The same, with more command line arguments (say `--web.user-assets=DIR`, to serve pages
+    /// of one's own beside Prometheus's).
+    pub fn start_with_args(
+        target: &str,
+        rule_files: &[&Path],
+        args: &[String],
+    ) -> anyhow::Result<Prometheus> {
         let program = crate::require_program("prometheus", "prometheus")?;
         let dir = cleanup::service_dir("prometheus")?;
         let config = dir.join("prometheus.yml");
@@ -45,6 +55,7 @@ impl Prometheus {
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
