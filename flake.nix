@@ -88,6 +88,9 @@
             rust-analyzer
             mariadb
             mosquitto
+            # prometheus for the end-to-end tests, promtool (its `cli` output) for `cargo xtask rules`
+            prometheus
+            prometheus.cli
             nixfmt
             deadnix
           ];

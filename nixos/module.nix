@@ -45,6 +45,31 @@ let
   # authenticates by the connecting process's user (unix_socket), so no password exists.
   user = "mqtt-gateway";
 
+  # The alerting and recording rules the package ships (README, "Alerts"), and the site's quiet
+  # thresholds as the override rules those read (JSON is YAML to Prometheus).
+  rulesFile = "${cfg.package}/share/mqtt-gateway/prometheus/mqtt-gateway.rules.yml";
+  quietAfter = cfg.prometheus.quietAfter;
+  override = "mqtt_gateway:flow_quiet_after_seconds:override";
+  quietAfterRules = pkgs.writeText "mqtt-gateway-quiet-after.rules.yml" (
+    builtins.toJSON {
+      groups = [
+        {
+          name = "mqtt-gateway-quiet-after";
+          rules =
+            optional (quietAfter.default != null) {
+              record = override;
+              expr = "vector(${toString quietAfter.default})";
+            }
+            ++ lib.mapAttrsToList (flow: seconds: {
+              record = override;
+              expr = "vector(${toString seconds})";
+              labels.flow = flow;
+            }) quietAfter.flows;
+        }
+      ];
+    }
+  );
+
   environment = lib.filterAttrs (_: value: value != null) (
     {
       DB_NAME = cfg.database.name;
@@ -361,6 +386,37 @@ in
       description = "systemd restarts the gateway when its pipeline makes no progress for this many seconds.";
     };
 
+    prometheus = {
+      addRules = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          When Prometheus runs on this host (`services.prometheus.enable`), add the gateway's
+          alerting and recording rules (the package's
+          `share/mqtt-gateway/prometheus/mqtt-gateway.rules.yml`; the README's "Alerts" says what
+          each alert means and what to do) to `services.prometheus.ruleFiles`. They expect the
+          gateway's `METRICS_ADDR` scraped as job `mqtt-gateway`: `MqttGatewayTargetMissing`
+          fires until it is.
+        '';
+      };
+      quietAfter = {
+        default = mkOption {
+          type = types.nullOr types.ints.positive;
+          default = null;
+          example = 1800;
+          description = "Seconds any flow may take no message before `MqttGatewayFlowQuiet` fires; null keeps the rules' one hour. Needs `prometheus.addRules`.";
+        };
+        flows = mkOption {
+          type = types.attrsOf types.ints.positive;
+          default = { };
+          example = {
+            WEEKLY_METER = 691200;
+          };
+          description = "The same for single flows, by flow code; each wins over `default`. Needs `prometheus.addRules`.";
+        };
+      };
+    };
+
     environmentFile = mkOption {
       type = types.nullOr secretPath;
       default = null;
@@ -437,6 +493,10 @@ in
         message = "services.mqtt-gateway: mqtt.createLocally runs a loopback broker without TLS; disable mqtt.tls.enable, or run the broker yourself with a TLS listener.";
       }
       {
+        assertion = cfg.prometheus.addRules || (quietAfter.default == null && quietAfter.flows == { });
+        message = "services.mqtt-gateway: prometheus.quietAfter sets thresholds for the shipped rules, which prometheus.addRules = false leaves out; enable addRules or remove quietAfter.";
+      }
+      {
         assertion =
           cfg.mqtt.tls.enable
           || (
@@ -459,6 +519,11 @@ in
         }
       ];
     };
+
+    # Only where Prometheus runs: a Prometheus elsewhere loads the same file from the package.
+    services.prometheus.ruleFiles =
+      mkIf (cfg.prometheus.addRules && config.services.prometheus.enable)
+        ([ rulesFile ] ++ optional (quietAfter.default != null || quietAfter.flows != { }) quietAfterRules);
 
     services.mosquitto = mkIf cfg.mqtt.createLocally {
       enable = true;

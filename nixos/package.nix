@@ -36,6 +36,12 @@ rustPlatform.buildRustPackage {
 
   cargoLock.lockFile = ../Cargo.lock;
 
+  # The alerting and recording rules, for a Prometheus on this host or another: the NixOS
+  # module's `prometheus.addRules` adds this file to `services.prometheus.ruleFiles`.
+  postInstall = ''
+    install -D -m 0644 ${../monitoring/mqtt-gateway.rules.yml} $out/share/mqtt-gateway/prometheus/mqtt-gateway.rules.yml
+  '';
+
   cargoBuildFlags = [
     "--package"
     "mqtt-gateway"

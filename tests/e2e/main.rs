@@ -7,6 +7,7 @@
 mod certs;
 mod harness;
 
+mod alerts;
 mod bad_input;
 mod broker;
 mod cli;

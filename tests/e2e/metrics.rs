@@ -67,7 +67,10 @@ async fn metrics_health_and_readiness_tell_the_truth() {
     names.sort_unstable();
     names.dedup();
     assert!(names.len() >= 10, "{names:?}");
-    for name in names {
+    // Exported from the first time it happens, which this test does not provoke (the holding
+    // tests and the holding alert's test see it).
+    let on_event = ["mqtt_gateway_database_holding"];
+    for name in names.into_iter().filter(|name| !on_event.contains(name)) {
         assert!(text.contains(name), "the dashboard queries {name}, which /metrics does not have:\n{text}");
     }
 

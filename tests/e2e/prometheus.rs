@@ -1,7 +1,9 @@
 //! `/metrics` as a real Prometheus sees it: `promtool check metrics` accepts a scrape taken under
 //! traffic, and every query of the Grafana dashboard in `docs/grafana/` parses and returns data
-//! from a real Prometheus server scraping the gateway (Debian package `prometheus` for both).
+//! from a real Prometheus server scraping the gateway with the shipped rules loaded, which all
+//! evaluate (Debian package `prometheus` for both).
 
+use crate::alerts;
 use crate::harness::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -107,17 +109,22 @@ fn dashboard_queries() -> Vec<String> {
 }
 
 #[tokio::test]
-async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+async fn every_dashboard_query_and_every_rule_works_on_a_real_prometheus() {
     let queries = dashboard_queries();
     assert!(queries.len() >= 15, "{queries:?}");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).unwrap();
     let mut env = TestEnv::new().await;
     let (_gateway, port, topic) = gateway_with_metrics(&mut env).await;
-    let prometheus =
-        testkit::Prometheus::start(&format!("127.0.0.1:{port}")).unwrap_or_else(|e| panic!("{e}"));
+    let rules = std::path::Path::new(alerts::RULES);
+    let prometheus = testkit::Prometheus::start_with_rules(&format!("127.0.0.1:{port}"), &[rules])
+        .unwrap_or_else(|e| panic!("{e}"));
     let (stop, task) = traffic(topic);
 
-    // Until every query has data: rate() needs two scrapes of a moved counter, so a few seconds.
+    // Until every query has data: rate() needs two scrapes of a moved counter, and the panels
+    // of the alerts read recording rules, evaluated every second; so a few seconds.
     let mut failing: Vec<(String, String)> = Vec::new();
+    let mut rule_problems = Vec::new();
     for _ in 0..60 {
         failing.clear();
         for query in &queries {
@@ -131,11 +138,14 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
                 failing.push((query.clone(), answer));
             }
         }
-        if failing.is_empty() {
+        rule_problems = alerts::rule_problems(&prometheus, &dashboard).await;
+        if failing.is_empty() && rule_problems.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // A gateway that works raises no alert, not even a pending one.
+    let active = alerts::api(&prometheus, "/api/v1/alerts", &[]).await.unwrap();
     stop.store(true, Ordering::Relaxed);
     task.await.unwrap();
     assert!(
@@ -143,4 +153,6 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         "dashboard queries without data after 60 s:\n{failing:#?}\nprometheus log:\n{}",
         prometheus.log()
     );
+    assert!(rule_problems.is_empty(), "the shipped rules:\n{}", rule_problems.join("\n"));
+    assert_eq!(active["alerts"], serde_json::json!([]), "alerts of a healthy gateway");
 }

@@ -6,6 +6,7 @@ pub fn ci() -> anyhow::Result<()> {
     cargo("format", &["fmt", "--all", "--", "--check"])?;
     cargo("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     crate::nix::check()?;
+    crate::rules::rules()?;
     cargo("unit tests", &["test", "--workspace", "--lib", "--bins"])?;
     cargo(
         "NixOS option types against config.rs, settings across config.rs, README and module, \

@@ -1,11 +1,13 @@
 //! Developer automation for mqtt-gateway, as plain Rust: `cargo xtask <task>`.
 //!
-//! - `ci`: everything CI checks: formatting, clippy, unit tests, end-to-end tests.
+//! - `ci`: everything CI checks: formatting, clippy, Nix files, alert rules, unit tests,
+//!   end-to-end tests, the Galera cluster scenario.
 //! - `e2e`: the end-to-end tests against real MariaDB, Mosquitto and HTTP servers.
 //! - `cluster`: the scale-out scenario on a three-node MariaDB Galera cluster.
 //! - `bench`: throughput, latency, CPU and memory against the same real services.
 //! - `demo`: the gateway working against real services, in one command.
 //! - `nix-check`: parse, format and dead-code checks of the Nix files, and the flake lock.
+//! - `rules`: the shipped Prometheus rules, checked and unit-tested with promtool.
 //! - `systemd-e2e`: the module's rendered unit and the Debian unit under a real systemd 257 in a
 //!   systemd-nspawn container (root only).
 //! - `packages`: what `xtask/required-packages.txt` lists and this machine lacks, for `.ci/run`
@@ -20,6 +22,7 @@ mod cluster;
 mod nix;
 mod nspawn;
 mod packages;
+mod rules;
 mod systemd_e2e;
 mod which;
 
@@ -32,8 +35,8 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  ci         cargo fmt --check, clippy -D warnings, nix-check, unit tests, NixOS option types
-             against config.rs, end-to-end tests, the Galera cluster scenario
+  ci         cargo fmt --check, clippy -D warnings, nix-check, rules, unit tests, NixOS option
+             types against config.rs, end-to-end tests, the Galera cluster scenario
   e2e        end-to-end tests: the real binary against real MariaDB, Mosquitto and HTTP servers
   cluster    three gateways on a three-node MariaDB Galera cluster through a gateway crash and a
              node outage (needs galera-4 and rsync)
@@ -44,6 +47,8 @@ tasks:
              (--check: verify and exit)
   nix-check  nix-instantiate --parse, nixfmt --check, deadnix --fail on every .nix file, and
              nix flake metadata --offline against flake.lock
+  rules      promtool check rules and promtool test rules on monitoring/ (the alerts that ship),
+             every alert with a test case that fires and one that does not
   systemd-e2e
              as root: boot systemd 257 in a systemd-nspawn container with MariaDB and Mosquitto,
              run the release binary under nixos/rendered/gateway.service and the Debian unit,
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         Some("cluster") => cluster::cluster(),
         Some("bench") => ci::bench(),
         Some("nix-check") => nix::check(),
+        Some("rules") => rules::rules(),
         Some("systemd-e2e") => {
             let rest: Vec<String> = std::env::args().skip(2).collect();
             systemd_e2e::systemd_e2e(&rest)

@@ -61,10 +61,11 @@ fn expand(tasks: &[&str]) -> Vec<&'static str> {
     let mut expanded = Vec::new();
     for task in tasks {
         match *task {
-            "ci" => expanded.extend(["e2e", "cluster", "nix-check"]),
+            "ci" => expanded.extend(["e2e", "cluster", "nix-check", "rules"]),
             "e2e" => expanded.push("e2e"),
             "cluster" => expanded.push("cluster"),
             "nix-check" => expanded.push("nix-check"),
+            "rules" => expanded.push("rules"),
             "systemd-e2e" => expanded.push("systemd-e2e"),
             _ => {}
         }
@@ -129,7 +130,7 @@ pub fn print_missing(args: &[String]) -> anyhow::Result<()> {
     let tasks: Vec<&str> = tasks.iter().map(String::as_str).collect();
     for task in &tasks {
         if expand(&[task]).is_empty() {
-            bail!("unknown task `{task}`: ci, e2e, cluster, nix-check or systemd-e2e");
+            bail!("unknown task `{task}`: ci, e2e, cluster, nix-check, rules or systemd-e2e");
         }
     }
     for package in missing(&tasks) {

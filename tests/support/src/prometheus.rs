@@ -1,10 +1,11 @@
 //! A Prometheus server of our own (Debian package `prometheus`): its configuration and data in a
 //! temporary directory, its web UI and API on a free loopback port, scraping one target every
-//! second so that a test sees `rate()` over fresh samples within seconds.
+//! second and evaluating rules every second, so that a test sees `rate()` over fresh samples and
+//! an alert's state change within seconds.
 
 use crate::cleanup;
 use anyhow::{bail, Context};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -17,22 +18,44 @@ pub struct Prometheus {
 impl Prometheus {
     /// Scrapes `target` (`host:port`, path `/metrics`) every second as job `mqtt-gateway`.
     pub fn start(target: &str) -> anyhow::Result<Prometheus> {
+        Prometheus::start_with_rules(target, &[])
+    }
+
+    /// The same, with these rule files loaded (alerting and recording rules, evaluated every
+    /// second).
+    pub fn start_with_rules(target: &str, rule_files: &[&Path]) -> anyhow::Result<Prometheus> {
+        Prometheus::start_with_args(target, rule_files, &[])
+    }
+
+    /// The same, with more command line arguments (say `--web.user-assets=DIR`, to serve pages
+    /// of one's own beside Prometheus's).
+    pub fn start_with_args(
+        target: &str,
+        rule_files: &[&Path],
+        args: &[String],
+    ) -> anyhow::Result<Prometheus> {
         let program = crate::require_program("prometheus", "prometheus")?;
         let dir = cleanup::service_dir("prometheus")?;
         let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: mqtt-gateway\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )?;
+        let mut text = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: mqtt-gateway\n    static_configs:\n      - targets: ['{target}']\n"
+        );
+        if !rule_files.is_empty() {
+            text.push_str("rule_files:\n");
+            for file in rule_files {
+                let file = std::path::absolute(file)?;
+                text.push_str(&format!("  - '{}'\n", file.display()));
+            }
+        }
+        std::fs::write(&config, text)?;
         let port = crate::free_port();
         let log = std::fs::File::create(dir.join("prometheus.log"))?;
         let child = Command::new(&program)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
