@@ -117,7 +117,18 @@ impl Reloader {
 
     pub async fn reload(&mut self, cause: Cause) -> Result<(), sqlx::Error> {
         let rows = flows::table::enabled(&self.pool).await?;
-        let changed = rows != self.rows;
+        if rows == self.rows {
+            // Nothing to rebuild (with fifty thousand flows, the build is what costs); only
+            // filters the broker refused are asked for again, in case its ACL was fixed.
+            if !self.health.refused().is_empty() {
+                let wanted = self.flows.borrow().subscriptions();
+                let _ = self.subscriber.want(wanted, SUBSCRIBE_WAIT).await;
+            }
+            if cause == Cause::Followed {
+                tracing::info!("Applied flows version {} (the flows were already up to date)", self.version);
+            }
+            return Ok(());
+        }
         let next = FlowSet::from_rows(rows.clone());
         crate::metrics::record_flows(&next);
         self.report_broken(&next.broken);
@@ -144,8 +155,7 @@ impl Reloader {
         }
         match cause {
             // Announced once applied here: the others follow within FOLLOW_EVERY.
-            Cause::Own if changed => self.version = flows::table::bump_version(&self.pool).await?,
-            Cause::Own => {}
+            Cause::Own => self.version = flows::table::bump_version(&self.pool).await?,
             Cause::Followed => tracing::info!(
                 "Applied flows version {} (the flows were changed by another instance or the CLI)",
                 self.version
