@@ -9,7 +9,7 @@
 
 use crate::config::{DbSettings, DbSslMode};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlSslMode};
-use sqlx::{MySql, Transaction};
+use sqlx::{ConnectOptions, MySql, Transaction};
 use std::time::Duration;
 
 /// How long a statement waits for a lock before the server gives up with error 1205
@@ -72,6 +72,9 @@ pub async fn connect(settings: &DbSettings) -> anyhow::Result<MySqlPool> {
         Some(socket) => options.socket(socket),
         None => options,
     };
+    // sqlx warns of every statement over a second: each attempt through a lock wait would log
+    // one, where holding is reported once.
+    let options = options.log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
     let tcp_peer = settings.socket.is_none().then(|| (settings.host.clone(), settings.port));
     MySqlPoolOptions::new()
         .max_connections(8)

@@ -31,3 +31,4 @@ mod startup;
 mod store_db;
 mod systemd;
 mod tls;
+mod waiting;
