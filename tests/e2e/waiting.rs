@@ -1,8 +1,8 @@
 //! A wait is not a wedge. A lock held on the database (a backup's `FLUSH TABLES WITH READ
-//! LOCK`, `LOCK TABLES`, an operator's open transaction) or a proxy refusing writes while it
-//! answers reads is the database not taking writes: the gateway holds the stream, says so (log,
-//! `/readyz`, `STATUS=`, the holding metric), keeps the systemd watchdog fed, blames no message,
-//! and stores everything once writes go through again.
+//! LOCK`, `LOCK TABLES`, an operator's open transaction), a proxy refusing writes while it
+//! answers reads, or a link that goes silent is the database not taking writes: the gateway
+//! holds the stream, says so (log, `/readyz`, `STATUS=`, the holding metric), keeps the systemd
+//! watchdog fed, blames no message, and stores everything once writes go through again.
 
 use crate::harness::*;
 use crate::holding::{assert_all_stored, assert_one_episode, start_watched, stream, wait_ready_status};
@@ -12,7 +12,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sqlx::Connection;
 use std::time::Duration;
 use testkit::mariadb::Durability;
-use testkit::{MariaDb, WriteRefusingProxy};
+use testkit::{MariaDb, Refusal, WriteRefusingProxy};
 use tokio::time::Instant;
 
 /// How long each test keeps the database from taking writes.
@@ -136,14 +136,14 @@ async fn a_proxy_refusing_writes_20_s_holds_the_stream_and_blames_no_message() {
     let publishing = stream(topic, STREAMED, 20, 10);
     env.wait_distinct("S", 40, WAIT).await;
 
-    proxy.refuse_writes(true);
+    proxy.refuse_writes(Refusal::Close);
     let refusing = Instant::now();
     wait_log(&gateway, "Database cannot take writes").await;
     let body = wait_ready_status(port, 503).await;
     assert!(body.contains("waiting for the database to take writes"), "{body}");
     tokio::time::sleep_until(refusing + HELD).await;
     let refused = proxy.refused();
-    proxy.refuse_writes(false);
+    proxy.refuse_writes(Refusal::Pass);
     assert!(
         refused >= 2,
         "the gateway kept trying, and the proxy refused it: {refused} refused\n{}",
@@ -152,6 +152,40 @@ async fn a_proxy_refusing_writes_20_s_holds_the_stream_and_blames_no_message() {
 
     publishing.await.unwrap();
     // Not one message failed: a dropped connection is nobody's data without proof.
+    assert_all_stored(&env, &gateway, i64::from(STREAMED)).await;
+    wait_log(&gateway, "Database takes writes again").await;
+    wait_ready_status(port, 200).await;
+}
+
+#[tokio::test]
+async fn a_link_silent_on_writes_is_dropped_and_the_batch_written_on_a_fresh_one() {
+    // A half-open link: the write, and everything after it on its connection, gets no answer.
+    let proxy = WriteRefusingProxy::start(shared().db.port).await.unwrap();
+    let mut env = TestEnv::new().await;
+    env.set("DB_PORT", proxy.port.to_string());
+    let topic = env.topic("silent");
+    env.add_flow("S", &topic, "STORE_DB", "{}", None).await;
+    let (gateway, port) = start_watched(&mut env).await;
+    let publishing = stream(topic, STREAMED, 20, 10);
+    env.wait_distinct("S", 40, WAIT).await;
+
+    proxy.refuse_writes(Refusal::Silence);
+    eventually_within(Duration::from_secs(60), "a write given up for want of an answer", || {
+        gateway.count("the database did not answer within") > 0
+    })
+    .await;
+    let body = wait_ready_status(port, 503).await;
+    assert!(body.contains("waiting for the database to take writes"), "{body}");
+    proxy.refuse_writes(Refusal::Pass);
+    // Each connection that went silent was closed once its bound ran out, not given back to the
+    // pool, where the next use (sqlx pings a connection given back) would wait on it forever.
+    eventually_within(Duration::from_secs(40), "the silent connections closed", || {
+        proxy.silent_and_open() == 0
+    })
+    .await;
+    assert!(proxy.refused() >= 1);
+
+    publishing.await.unwrap();
     assert_all_stored(&env, &gateway, i64::from(STREAMED)).await;
     wait_log(&gateway, "Database takes writes again").await;
     wait_ready_status(port, 200).await;

@@ -41,8 +41,9 @@ pub fn systemd_e2e(args: &[String]) -> anyhow::Result<()> {
         return Ok(());
     }
     cargo("build the release binary", &["build", "--release", "--bin", "mqtt-gateway"])?;
-    // For its fault switch, which release builds leave out.
-    cargo("build the debug binary", &["build", "--bin", "mqtt-gateway"])?;
+    // For its fault switch, which release builds leave out. Built with the e2e tests, as `cargo
+    // xtask ci` builds it: alone it would get other dependency features, and be built twice.
+    cargo("build the debug binary", &["build", "--bin", "mqtt-gateway", "--test", "e2e"])?;
     let project = root();
     let container = Container::boot(&image, |copy| install(&project, copy))?;
     let bed = Bed { c: &container };
@@ -436,13 +437,15 @@ impl Bed<'_> {
             })
             .is_ok();
         let status = self
-            .wait("the status line", Duration::from_secs(30), || self.show("StatusText").contains("lock wait"))
+            .wait("the status line", Duration::from_secs(30), || {
+                self.show("StatusText").contains("lock wait")
+            })
             .map(|_| self.show("StatusText"))
             .unwrap_or_else(|_| self.show("StatusText"));
         let distinct =
             || self.count("SELECT COUNT(DISTINCT attribute_value) FROM data WHERE flow_code = 'W_STREAM'");
-        let waited =
-            self.wait("every reading after the lock", Duration::from_secs(150), || distinct() == i64::from(n));
+        let waited = self
+            .wait("every reading after the lock", Duration::from_secs(150), || distinct() == i64::from(n));
         let rows = self.count("SELECT COUNT(*) FROM data WHERE flow_code = 'W_STREAM'");
         let resumed = journal().contains("Database takes writes again");
         let timeouts = self.journal_since(&cursor, "_PID=1 -o cat").matches("Watchdog timeout").count();

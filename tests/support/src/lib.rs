@@ -32,7 +32,7 @@ pub use prometheus::Prometheus;
 pub use proxy::DelayProxy;
 pub use publish::Publisher;
 pub use tls_front::TlsFront;
-pub use write_refusing_proxy::WriteRefusingProxy;
+pub use write_refusing_proxy::{Refusal, WriteRefusingProxy};
 
 use std::net::TcpListener;
 use std::path::PathBuf;
