@@ -74,8 +74,10 @@ pub struct Waiting<'h> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.health.waiting_until[self.part as usize].store(0, Ordering::Relaxed);
+        // The turn first, and published with the end of the wait: the watchdog never sees the
+        // wait gone and the turn not yet there (see `stalled_at`).
         self.health.beat(self.part);
+        self.health.waiting_until[self.part as usize].store(0, Ordering::Release);
     }
 }
 
@@ -98,7 +100,7 @@ impl Health {
     }
 
     /// `part` waits on something that ends by itself within `bound` (a timeout enforces it),
-    /// until the returned guard is dropped.
+    /// until the returned guard is dropped. A part is in one such wait at a time.
     pub fn waiting(&self, part: Part, bound: Duration) -> Waiting<'_> {
         let until = self.now().saturating_add(bound.as_millis() as u64).max(1);
         self.waiting_until[part as usize].store(until, Ordering::Relaxed);
@@ -163,8 +165,8 @@ impl Health {
     fn stalled_at(&self, now: u64, limit: Duration) -> Option<&'static str> {
         let limit = limit.as_millis() as u64;
         Part::ALL.into_iter().find_map(|part| {
+            let waiting_until = self.waiting_until[part as usize].load(Ordering::Acquire);
             let turned = self.turned[part as usize].load(Ordering::Relaxed);
-            let waiting_until = self.waiting_until[part as usize].load(Ordering::Relaxed);
             (now.saturating_sub(turned.max(waiting_until)) > limit).then_some(part.name())
         })
     }
