@@ -11,7 +11,7 @@
 //! runs the debug build, whose fault switch wedges the processor for real.
 //!
 //! Needs root, `systemd-container` and `debootstrap` (`.ci/run` installs both). The container
-//! root is made once per machine; a run takes about 4 minutes after the builds.
+//! root is made once per machine; a run takes about 3 minutes after the builds.
 //!
 //! Longer than our other files: eleven checks that read top to bottom like one operator's
 //! session with the unit, each a few dozen lines; the container itself lives in `nspawn`.
