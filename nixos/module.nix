@@ -383,7 +383,7 @@ in
     watchdogSec = mkOption {
       type = types.ints.positive;
       default = 30;
-      description = "systemd restarts the gateway when its pipeline makes no progress for this many seconds.";
+      description = "systemd restarts the gateway when a task of its pipeline is stuck: it has not come back to its loop for half this many seconds while waiting on nothing that ends by itself. Waiting for the database (a lock, an outage) is not stuck: it is held and reported.";
     };
 
     prometheus = {

@@ -167,7 +167,8 @@ async fn run_with_pool(
     // queued messages right after CONNACK, before any SUBSCRIBE.
     let failed = Supervisor::new(shutdown.clone());
     let processor = failed.watch("the processor", tokio::spawn(processor.run(messages_rx)));
-    let outbox = failed.watch("the outbox", tokio::spawn(Arc::new(outbox).run(shutdown.clone())));
+    let outbox =
+        failed.watch("the outbox", tokio::spawn(Arc::new(outbox).run(shutdown.clone(), Arc::clone(&health))));
 
     if let Err(error) = session.start(&shutdown).await {
         if matches!(error, mqtt::StartError::Interrupted) {

@@ -1,7 +1,7 @@
 //! The database: connection pool, the call into the schema migrations, the queries on
-//! `mqtt_servers`, whose fault a failed write is ([`blame`]), and
-//! how big a statement may be ([`StatementBounds`]). Statements on `flows` live in
-//! [`crate::flows::table`].
+//! `mqtt_servers`, whose fault a failed write is ([`blame`]), how big a statement may be
+//! ([`StatementBounds`]), and how long a wait on it may last ([`LOCK_WAIT`], [`ANSWER_WITHIN`]).
+//! Statements on `flows` live in [`crate::flows::table`].
 //!
 //! Connect options are built field by field, never as a URL, so a password with `@`, `/` or `:`
 //! (which broke the original's `mysql+pymysql://` string) works as it is and is never formatted
@@ -9,8 +9,27 @@
 
 use crate::config::{DbSettings, DbSslMode};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlSslMode};
-use sqlx::{MySql, Transaction};
+use sqlx::{ConnectOptions, MySql, Transaction};
 use std::time::Duration;
+
+/// How long a statement waits for a lock before the server gives up with error 1205
+/// (`lock_wait_timeout` for table and metadata locks, `innodb_lock_wait_timeout` for row locks,
+/// set on every connection). The servers' own defaults are a day and 50 s: a write waiting on
+/// `FLUSH TABLES WITH READ LOCK`, `LOCK TABLES`, a DDL or an operator's open transaction never
+/// came back, and nothing could tell the wait from a hang. A lock held longer than this is the
+/// database not taking writes: the stream is held and that is reported.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// [`LOCK_WAIT`] for the session, run on every new connection.
+const SESSION_LOCK_WAITS: &str = "SET SESSION lock_wait_timeout = 5, SESSION innodb_lock_wait_timeout = 5";
+
+/// How long the client waits for the server's answer to a database call before it drops the
+/// connection (a frozen server, a half-open link) and tries again on a fresh one; longer than
+/// [`LOCK_WAIT`], so that a lock wait comes back as the server's own error.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(15);
+
+/// How long taking a connection from the pool may take: checking an idle one, or connecting.
+const ACQUIRE_WITHIN: Duration = Duration::from_secs(10);
 
 /// The broker to connect to, from `mqtt_servers`.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -23,7 +42,9 @@ pub struct BrokerRow {
 
 /// Opens the pool. `pool_pre_ping` of the original is sqlx's `test_before_acquire`, on by
 /// default: a connection the server dropped is replaced rather than failing a message.
-/// TLS is sqlx's own (rustls with ring, the system's roots plus `DB_SSL_CA`).
+/// TLS is sqlx's own (rustls with ring, the system's roots plus `DB_SSL_CA`). Every connection
+/// waits at most [`LOCK_WAIT`] for a lock, and has TCP keepalive ([`crate::keepalive`]); taking
+/// one from the pool takes at most [`ACQUIRE_WITHIN`].
 pub async fn connect(settings: &DbSettings) -> anyhow::Result<MySqlPool> {
     let options = MySqlConnectOptions::new()
         .host(&settings.host)
@@ -51,9 +72,23 @@ pub async fn connect(settings: &DbSettings) -> anyhow::Result<MySqlPool> {
         Some(socket) => options.socket(socket),
         None => options,
     };
+    // sqlx warns of every statement over a second: each attempt through a lock wait would log
+    // one, where holding is reported once.
+    let options = options.log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+    let tcp_peer = settings.socket.is_none().then(|| (settings.host.clone(), settings.port));
     MySqlPoolOptions::new()
         .max_connections(8)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(ACQUIRE_WITHIN)
+        .after_connect(move |conn, _| {
+            let tcp_peer = tcp_peer.clone();
+            Box::pin(async move {
+                sqlx::Executor::execute(&mut *conn, SESSION_LOCK_WAITS).await?;
+                if let Some((host, port)) = tcp_peer {
+                    crate::keepalive::arm_to(&host, port).await;
+                }
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
         .map_err(|error| anyhow::Error::msg(explained(&error)))
@@ -167,18 +202,24 @@ pub fn blame(error: &sqlx::Error) -> Blame {
     }
 }
 
-/// Whether the connection itself went away during the statement. A server that drops the
-/// connection for a statement it will not take (a packet over its limit can end that way)
-/// looks like this too, so a write that keeps dropping the connection while the server answers
-/// pings is treated as possibly about its data.
+/// Whether the connection itself went away during the statement: the server closed it, or
+/// something between (a proxy, a failover) did.
 pub fn connection_lost(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed)
 }
 
-/// A deadlock, a lock wait timeout, or a Galera certification conflict: another writer won a
-/// race for the same rows. Routine with several instances; the transaction is simply run again.
+/// A deadlock or a Galera certification conflict (both 1213): another writer won a race for the
+/// same rows. Routine with several instances; the transaction is simply run again. A lock wait
+/// timeout (1205) is not one: a lock held past [`LOCK_WAIT`] is the database not taking writes
+/// (see [`lock_wait`]).
 pub fn conflict(error: &sqlx::Error) -> bool {
-    matches!(error_code(error), Some(1213 | 1205))
+    matches!(error_code(error), Some(1213))
+}
+
+/// A write that waited [`LOCK_WAIT`] for a lock someone else holds (`FLUSH TABLES WITH READ
+/// LOCK`, `LOCK TABLES`, a DDL, an open transaction on the same rows) and was given up.
+pub fn lock_wait(error: &sqlx::Error) -> bool {
+    matches!(error_code(error), Some(1205))
 }
 
 /// A short label for an error, for the holding metric: the server's number, or the kind.
@@ -192,10 +233,37 @@ pub fn error_label(error: &sqlx::Error) -> String {
     }
 }
 
-/// Whether the server answers a trivial query within a few seconds.
-pub async fn answers(pool: &MySqlPool) -> bool {
-    let ping = sqlx::query("SELECT 1").execute(pool);
-    matches!(tokio::time::timeout(Duration::from_secs(5), ping).await, Ok(Ok(_)))
+/// A canary write: whether the database takes a write of other data now, on a connection of
+/// its own. It changes nothing (`last_msg_id = last_msg_id` on one flow's row, committed), but it
+/// is a write statement, so a server or proxy that refuses writes while answering reads (a
+/// read-only replica, MaxScale failing writes over) refuses it too. This, not a ping, is the
+/// proof that a connection dropped on a message's write was the message's doing.
+pub async fn takes_writes(pool: &MySqlPool, flow_id: i32) -> bool {
+    let Ok(Ok(mut conn)) = tokio::time::timeout(ACQUIRE_WITHIN, pool.acquire()).await else {
+        return false;
+    };
+    let write = sqlx::query("UPDATE flows SET last_msg_id = last_msg_id WHERE id = ?").bind(flow_id);
+    match tokio::time::timeout(ANSWER_WITHIN, write.execute(&mut *conn)).await {
+        Ok(written) => written.is_ok(),
+        Err(_) => {
+            drop_unanswered(conn);
+            false
+        }
+    }
+}
+
+/// Closes a connection that did not answer in time, instead of giving it back to the pool, which
+/// would wait for the answer to its last statement (forever, on a half-open link).
+pub fn drop_unanswered(conn: sqlx::pool::PoolConnection<MySql>) {
+    drop(conn.detach());
+}
+
+/// Longest a canary write ([`takes_writes`]) may take.
+pub const CANARY_WITHIN: Duration = ACQUIRE_WITHIN.saturating_add(ANSWER_WITHIN);
+
+/// Longest taking a connection and then running work bounded by `bound` on it may take.
+pub fn with_acquire(bound: Duration) -> Duration {
+    ACQUIRE_WITHIN + bound
 }
 
 /// The largest packet this connection's server accepts. Read per transaction: `SET GLOBAL`
@@ -282,6 +350,20 @@ mod tests {
         let rows = vec![1usize; 30_001];
         let chunks = bounds.chunks(&rows, 5, |r| *r);
         assert_eq!(chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![12_000, 12_000, 6_001]);
+    }
+
+    #[test]
+    fn a_lock_wait_is_no_conflict() {
+        assert!(!conflict(&sqlx::Error::PoolTimedOut));
+        assert!(!lock_wait(&sqlx::Error::PoolTimedOut));
+        assert!(LOCK_WAIT < ANSWER_WITHIN, "a lock wait comes back as the server's error, not our timeout");
+        let seconds = LOCK_WAIT.as_secs();
+        assert_eq!(
+            SESSION_LOCK_WAITS,
+            format!(
+                "SET SESSION lock_wait_timeout = {seconds}, SESSION innodb_lock_wait_timeout = {seconds}"
+            )
+        );
     }
 
     #[test]

@@ -1,19 +1,46 @@
-//! Health: what the pipeline says about itself. The broker session and the processor beat
-//! here as they make progress; the processor counts what it wrote and says what it is waiting
-//! for. The systemd watchdog and status lines read it.
+//! Health: what the pipeline says about itself. The broker session, the processor and the
+//! outbox loop beat here each time they come back to their loop, and say when they wait on
+//! something bounded (a database call with its timeout); the processor counts what it wrote and
+//! says what it is waiting for. The systemd watchdog and status lines read it.
+//!
+//! A part is *stuck* when it has not come back to its loop within a limit although nothing it
+//! waits on is outstanding: a bounded wait counts as a turn at the moment it must end by, so a
+//! part waiting on the database (for a lock, say) is never stuck before its bound has run out.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How often an idle session or processor beats anyway, to show it is not wedged.
+/// How often an idle part beats anyway, to show it is not wedged.
 pub const BEAT: Duration = Duration::from_millis(250);
+
+/// The parts that turn a loop of their own, and that the watchdog watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Session,
+    Processor,
+    Outbox,
+}
+
+impl Part {
+    const ALL: [Part; 3] = [Part::Session, Part::Processor, Part::Outbox];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Session => "the MQTT session",
+            Part::Processor => "the processor",
+            Part::Outbox => "the outbox",
+        }
+    }
+}
 
 pub struct Health {
     started: Instant,
-    /// Milliseconds since `started` of each part's last turn of its loop.
-    session: AtomicU64,
-    processor: AtomicU64,
+    /// Per part, milliseconds since `started` of its last turn of its loop.
+    turned: [AtomicU64; 3],
+    /// Per part, milliseconds since `started` by which the bounded wait it is in must end, or 0.
+    waiting_until: [AtomicU64; 3],
     processed: AtomicU64,
     waiting_for: Mutex<Option<String>>,
     broker_connected: AtomicBool,
@@ -27,8 +54,8 @@ impl Default for Health {
     fn default() -> Health {
         Health {
             started: Instant::now(),
-            session: AtomicU64::new(0),
-            processor: AtomicU64::new(0),
+            turned: Default::default(),
+            waiting_until: Default::default(),
             processed: AtomicU64::new(0),
             waiting_for: Mutex::new(None),
             broker_connected: AtomicBool::new(false),
@@ -38,17 +65,53 @@ impl Default for Health {
     }
 }
 
+/// A bounded wait in progress; the part counts as turning until its bound, and turns when the
+/// wait ends.
+pub struct Waiting<'h> {
+    health: &'h Health,
+    part: Part,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // The turn first, and published with the end of the wait: the watchdog never sees the
+        // wait gone and the turn not yet there (see `stalled_at`).
+        self.health.beat(self.part);
+        self.health.waiting_until[self.part as usize].store(0, Ordering::Release);
+    }
+}
+
 impl Health {
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// `part` came back to its loop.
+    pub fn beat(&self, part: Part) {
+        self.turned[part as usize].store(self.now(), Ordering::Relaxed);
+    }
+
     pub fn beat_session(&self) {
-        self.session.store(self.now(), Ordering::Relaxed);
+        self.beat(Part::Session);
     }
 
     pub fn beat_processor(&self) {
-        self.processor.store(self.now(), Ordering::Relaxed);
+        self.beat(Part::Processor);
+    }
+
+    /// `part` waits on something that ends by itself within `bound` (a timeout enforces it),
+    /// until the returned guard is dropped. A part is in one such wait at a time.
+    pub fn waiting(&self, part: Part, bound: Duration) -> Waiting<'_> {
+        let until = self.now().saturating_add(bound.as_millis() as u64).max(1);
+        self.waiting_until[part as usize].store(until, Ordering::Relaxed);
+        Waiting { health: self, part }
+    }
+
+    /// Awaits `work` for at most `bound`, `part` counting as waiting meanwhile: `None` when the
+    /// bound ran out first (and `work` was dropped).
+    pub async fn within<T>(&self, part: Part, bound: Duration, work: impl Future<Output = T>) -> Option<T> {
+        let _waiting = self.waiting(part, bound);
+        tokio::time::timeout(bound, work).await.ok()
     }
 
     pub fn add_processed(&self, messages: u64) {
@@ -93,17 +156,19 @@ impl Health {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Which part, if any, has not turned its loop within `limit`.
+    /// Which part, if any, is stuck: it has not turned its loop within `limit`, counting a
+    /// bounded wait as a turn at the moment the wait must end by.
     pub fn stalled(&self, limit: Duration) -> Option<&'static str> {
-        let now = self.now();
+        self.stalled_at(self.now(), limit)
+    }
+
+    fn stalled_at(&self, now: u64, limit: Duration) -> Option<&'static str> {
         let limit = limit.as_millis() as u64;
-        if now.saturating_sub(self.session.load(Ordering::Relaxed)) > limit {
-            Some("the MQTT session")
-        } else if now.saturating_sub(self.processor.load(Ordering::Relaxed)) > limit {
-            Some("the processor")
-        } else {
-            None
-        }
+        Part::ALL.into_iter().find_map(|part| {
+            let waiting_until = self.waiting_until[part as usize].load(Ordering::Acquire);
+            let turned = self.turned[part as usize].load(Ordering::Relaxed);
+            (now.saturating_sub(turned.max(waiting_until)) > limit).then_some(part.name())
+        })
     }
 }
 
@@ -111,14 +176,52 @@ impl Health {
 mod tests {
     use super::*;
 
+    /// Sets when each part last turned, in milliseconds since start.
+    fn turned(health: &Health, at: [u64; 3]) {
+        for (i, ms) in at.into_iter().enumerate() {
+            health.turned[i].store(ms, Ordering::Relaxed);
+        }
+    }
+
+    const LIMIT: Duration = Duration::from_millis(500);
+
     #[test]
-    fn a_part_that_stops_beating_is_named() {
+    fn a_part_that_stops_turning_is_named() {
         let health = Health::default();
-        health.beat_session();
-        health.beat_processor();
-        assert_eq!(health.stalled(Duration::from_secs(5)), None);
-        std::thread::sleep(Duration::from_millis(30));
-        health.beat_session();
-        assert_eq!(health.stalled(Duration::from_millis(10)), Some("the processor"));
+        turned(&health, [1_000, 1_000, 1_000]);
+        assert_eq!(health.stalled_at(1_400, LIMIT), None);
+        turned(&health, [1_400, 1_000, 1_400]);
+        assert_eq!(health.stalled_at(1_600, LIMIT), Some("the processor"));
+        turned(&health, [1_400, 1_400, 1_000]);
+        assert_eq!(health.stalled_at(1_600, LIMIT), Some("the outbox"));
+        turned(&health, [1_000, 1_400, 1_400]);
+        assert_eq!(health.stalled_at(1_600, LIMIT), Some("the MQTT session"));
+    }
+
+    #[test]
+    fn a_bounded_wait_is_not_stuck_until_its_bound_has_passed() {
+        let health = Health::default();
+        turned(&health, [0, 0, 0]);
+        let waiting = health.waiting(Part::Outbox, Duration::from_secs(3_600));
+        let until = health.waiting_until[Part::Outbox as usize].load(Ordering::Relaxed);
+        turned(&health, [until + 600, until + 600, 0]);
+        assert_eq!(health.stalled_at(until / 2, LIMIT), None, "waiting within its bound");
+        assert_eq!(health.stalled_at(until + 400, LIMIT), None, "just past its bound");
+        assert_eq!(health.stalled_at(until + 600, LIMIT), Some("the outbox"), "its bound and the limit past");
+        drop(waiting);
+        assert_eq!(health.waiting_until[Part::Outbox as usize].load(Ordering::Relaxed), 0);
+        assert!(
+            health.turned[Part::Outbox as usize].load(Ordering::Relaxed) < until,
+            "the wait ended: a turn now"
+        );
+    }
+
+    #[tokio::test]
+    async fn within_gives_up_at_its_bound() {
+        let health = Health::default();
+        let never = std::future::pending::<()>();
+        assert_eq!(health.within(Part::Processor, Duration::from_millis(20), never).await, None);
+        assert_eq!(health.within(Part::Processor, Duration::from_secs(5), async { 7 }).await, Some(7));
+        assert_eq!(health.waiting_until[Part::Processor as usize].load(Ordering::Relaxed), 0);
     }
 }

@@ -25,7 +25,8 @@
 //! - [`pyfmt`]: the Python renderings of values the original stored and sent.
 //! - [`db`]: the pool; queries on `mqtt_servers`; how big a
 //!   statement may be; whose fault a failed write is (a message's data, or the database, which
-//!   holds the stream); [`migrate`]: schema migrations that several instances can run at once.
+//!   holds the stream); how long a database wait may last; [`keepalive`]: TCP keepalive on its
+//!   connections; [`migrate`]: schema migrations that several instances can run at once.
 //! - [`reload`]: periodic and SIGHUP reload of the flows.
 //! - [`logging`]: the original's log format, stderr and daily files; journald and JSON.
 //! - [`health`] and [`systemd`]: heartbeats, readiness, status, watchdog; [`metrics`]:
@@ -42,6 +43,7 @@ pub mod config;
 pub mod db;
 pub mod flows;
 pub mod health;
+pub mod keepalive;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;

@@ -13,7 +13,7 @@
 use crate::commit::{Commit, Committed, Outcome};
 use crate::config::BatchSettings;
 use crate::flows::{Flow, FlowSet};
-use crate::health::{self, Health};
+use crate::health::{self, Health, Part};
 use crate::mqtt::{Acker, Message};
 use crate::outbox::OutboxSignal;
 use crate::payload::decode;
@@ -70,23 +70,41 @@ impl Processor {
             };
             batch.push(first);
             self.fill(&mut batch, &mut messages).await;
-            if !self.process(&batch).await {
+            // A fault switch for the watchdog tests: the processor stops turning for good,
+            // waiting on nothing that ends (as a lost wakeup or a deadlock would leave it).
+            // Compiled out of release builds.
+            #[cfg(debug_assertions)]
+            if let Ok(topic) = std::env::var("MQTT_GATEWAY_TEST_WEDGE_ON_TOPIC") {
+                if batch.iter().any(|m| m.topic == topic) {
+                    tracing::warn!(
+                        "Wedging the processor on {topic}, as MQTT_GATEWAY_TEST_WEDGE_ON_TOPIC asks"
+                    );
+                    std::future::pending::<()>().await;
+                }
+            }
+            let settled = self.process(&batch).await;
+            self.health.add_processed(settled as u64);
+            // In arrival order, as MQTT requires. What was written before a stop is acknowledged
+            // too: left unacknowledged, the broker would deliver it again and it would be
+            // written twice.
+            for message in batch.drain(..settled) {
+                self.acks.ack(message.ack);
+            }
+            if !batch.is_empty() {
                 tracing::warn!(
-                    "Shutting down with {} messages unwritten; the broker will redeliver them",
+                    "Shutting down with {} messages unwritten; the broker will redeliver them ({settled} written \
+                     before them are acknowledged)",
                     batch.len()
                 );
                 return;
-            }
-            self.health.add_processed(batch.len() as u64);
-            // In arrival order, as MQTT requires.
-            for message in batch.drain(..) {
-                self.acks.ack(message.ack);
             }
         }
     }
 
     /// Adds what arrives within the batch delay, up to the batch size in messages and bytes.
     async fn fill(&self, batch: &mut Vec<Message>, messages: &mut mpsc::UnboundedReceiver<Message>) {
+        // However long the batch delay, the processor is not stuck while it waits for it.
+        let _waiting = self.health.waiting(Part::Processor, self.batch.max_delay);
         let deadline = Instant::now() + self.batch.max_delay;
         let mut bytes: usize = batch.iter().map(|m| m.payload.len()).sum();
         while batch.len() < self.batch.max_messages && bytes < BATCH_MAX_BYTES {
@@ -105,17 +123,23 @@ impl Processor {
         }
     }
 
-    /// Decodes, validates and writes a batch. False when shutdown interrupted a wait for the
-    /// database: nothing of the batch may be acknowledged then.
-    async fn process(&self, batch: &[Message]) -> bool {
+    /// Decodes, validates and writes a batch. Returns how many of its first messages are settled
+    /// (written, or refused for their own data) and may be acknowledged: all of them, unless
+    /// shutdown interrupted a wait for the database.
+    async fn process(&self, batch: &[Message]) -> usize {
         let received_at: NaiveDateTime = Utc::now().naive_utc().trunc_subsecs(0);
         let items = self.prepare(batch);
         if items.is_empty() {
-            return true;
+            return batch.len();
         }
-        let outcomes = match self.commit.write(received_at, &items).await {
-            Committed::Written(outcomes) => outcomes,
-            Committed::ShutDown => return false,
+        let (outcomes, settled) = match self.commit.write(received_at, &items).await {
+            Committed::Written(outcomes) => (outcomes, batch.len()),
+            // The settled items are the first ones, so every message before the one of the
+            // first unsettled item is settled whole (the commit splits between messages).
+            Committed::ShutDown(outcomes) => {
+                let settled = items.get(outcomes.len()).map_or(batch.len(), |item| item.message);
+                (outcomes, settled)
+            }
         };
         let mut queued: Vec<i32> = Vec::new();
         let mut resent = 0;
@@ -161,7 +185,7 @@ impl Processor {
                 "{resent} retained messages sent again by the broker were already stored; not stored twice"
             );
         }
-        true
+        settled
     }
 
     /// Decodes each message and renders it for each matching flow; logs what fails.
@@ -169,7 +193,9 @@ impl Processor {
         let flows = Arc::clone(&self.flows.borrow());
         let mut items = Vec::new();
         let mut found = Vec::new();
-        for Message { topic, payload: payload_bytes, retain, subscription_ids, .. } in batch {
+        for (message, Message { topic, payload: payload_bytes, retain, subscription_ids, .. }) in
+            batch.iter().enumerate()
+        {
             let topic = topic.as_str();
             // A fault switch for the supervision test; compiled out of release builds.
             #[cfg(debug_assertions)]
@@ -194,6 +220,7 @@ impl Processor {
                 match flow.schema.validate(&payload).and_then(|()| sinks::render(flow, &payload)) {
                     Ok(effect) => {
                         items.push(Item {
+                            message,
                             flow: Arc::clone(flow),
                             topic: Arc::clone(&shared_topic),
                             effect,

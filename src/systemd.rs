@@ -11,12 +11,17 @@
 //! std's Unix datagram sockets; the `sd-notify` crate handles only paths.
 //!
 //! The watchdog ping proves more than "the process has a running timer": it is sent only while
-//! both the MQTT session loop and the processor have turned within half the watchdog interval.
-//! A session stuck on a socket or a processor hung in a database call stops the pings, and
-//! systemd restarts the unit; the messages it held were not acknowledged, so the broker
-//! delivers them again. It does not prove that messages flow: an idle gateway with no traffic
-//! is healthy. Pings are sent only when `WATCHDOG_PID` is unset or names this process, as the
-//! protocol asks: a watchdog set up for another process (a wrapper's) is not ours to feed.
+//! no part of the pipeline is stuck (see [`crate::health`]): the MQTT session, the processor and
+//! the outbox loop each came back to their loop within half the watchdog interval, or are in a
+//! wait that ends by itself (every database call has a bound: the server's lock wait timeout,
+//! and the client's own timeout after which the connection is dropped). So a lock wait, a frozen
+//! database or a half-open link is waited out with the watchdog fed, and reported as holding;
+//! only a task that stops turning with nothing outstanding (a lost wakeup, a deadlock, a
+//! blocking call) stops the pings, and systemd restarts the unit; the messages it held were not
+//! acknowledged, so the broker delivers them again. It does not prove that messages flow: an
+//! idle gateway with no traffic is healthy. Pings are sent only when `WATCHDOG_PID` is unset or
+//! names this process, as the protocol asks: a watchdog set up for another process (a
+//! wrapper's) is not ours to feed.
 
 use crate::flows::FlowSet;
 use crate::health::Health;
@@ -129,14 +134,17 @@ pub fn describe(health: &Health, flows: &FlowSet) -> String {
     }
 }
 
-/// Pings the watchdog while the pipeline turns, and refreshes the status line, until shutdown.
+/// Pings the watchdog while no part of the pipeline is stuck, and refreshes the status line,
+/// until shutdown. Pings go four times per interval, so that a tick a little late never leaves
+/// systemd more than half the interval without one.
 pub async fn supervise(
     health: Arc<Health>,
     flows: watch::Receiver<Arc<FlowSet>>,
     shutdown: CancellationToken,
 ) {
     let watchdog = watchdog_enabled();
-    let ping_every = watchdog.map_or(STATUS_EVERY, |interval| interval / 2);
+    let ping_every = watchdog.map_or(STATUS_EVERY, |interval| interval / 4);
+    let stuck_after = watchdog.map_or(STATUS_EVERY, stuck_after);
     let mut ticker = tokio::time::interval(ping_every.min(STATUS_EVERY));
     let mut last_status = tokio::time::Instant::now();
     let mut reported_stall = false;
@@ -146,14 +154,20 @@ pub async fn supervise(
             _ = ticker.tick() => {}
         }
         if watchdog.is_some() {
-            match health.stalled(ping_every) {
+            match health.stalled(stuck_after) {
                 None => {
                     notify(&["WATCHDOG=1"]);
+                    if reported_stall {
+                        tracing::warn!(
+                            "Every part of the pipeline turns again; pinging the systemd watchdog"
+                        );
+                    }
                     reported_stall = false;
                 }
                 Some(part) if !reported_stall => {
                     tracing::error!(
-                        "{part} has made no progress for {ping_every:?}; not pinging the systemd watchdog"
+                        "{part} is stuck: it has not come back to its loop for {stuck_after:?} and waits on \
+                         nothing that ends by itself; not pinging the systemd watchdog"
                     );
                     reported_stall = true;
                 }
@@ -165,6 +179,13 @@ pub async fn supervise(
             status(&describe(&health, &flows.borrow()));
         }
     }
+}
+
+/// How long a part may go without turning its loop before it counts as stuck: half the
+/// watchdog interval, and never less than four of the beats an idle part gives, so that a very
+/// short interval does not take an idle part for a stuck one.
+fn stuck_after(interval: Duration) -> Duration {
+    (interval / 2).max(crate::health::BEAT * 4)
 }
 
 #[cfg(test)]
@@ -214,6 +235,13 @@ mod tests {
         assert_eq!(watchdog_interval(Some("0"), None, 42), None);
         assert_eq!(watchdog_interval(Some("soon"), None, 42), None);
         assert_eq!(watchdog_interval(None, Some("42"), 42), None);
+    }
+
+    #[test]
+    fn a_part_is_stuck_after_half_the_interval_and_never_before_four_beats() {
+        assert_eq!(stuck_after(Duration::from_secs(30)), Duration::from_secs(15));
+        assert_eq!(stuck_after(Duration::from_secs(4)), Duration::from_secs(2));
+        assert_eq!(stuck_after(Duration::from_millis(200)), Duration::from_secs(1));
     }
 
     #[test]

@@ -20,12 +20,13 @@ const READ_OUTSIDE_CONFIG: [(&str, &str); 2] = [
 ];
 
 /// Variables the code reads that are not settings: an operator never sets them.
-const NOT_SETTINGS: [(&str, &str); 5] = [
+const NOT_SETTINGS: [(&str, &str); 6] = [
     ("NOTIFY_SOCKET", "systemd's notify protocol, set by systemd"),
     ("WATCHDOG_USEC", "systemd's watchdog, set by systemd"),
     ("WATCHDOG_PID", "systemd's watchdog, set by systemd"),
     ("JOURNAL_STREAM", "set by systemd when stderr is the journal"),
     ("MQTT_GATEWAY_TEST_PANIC_ON_TOPIC", "fault injection for an end-to-end test"),
+    ("MQTT_GATEWAY_TEST_WEDGE_ON_TOPIC", "fault injection for the watchdog tests (debug builds)"),
 ];
 
 /// Settings the module deliberately has no option for, and how a NixOS user sets them.

@@ -41,6 +41,8 @@ pub use http::redacted_str;
 
 use crate::backoff;
 use crate::config::DeliverySettings;
+use crate::db;
+use crate::health::{self, Health, Part};
 use http::{Failure, Sender};
 use lease::Lease;
 use queue::{Queue, Request};
@@ -141,13 +143,15 @@ impl Outbox {
     }
 
     /// Delivers until shutdown, then lets requests in progress finish (each bounded by the
-    /// HTTP timeout). What is still queued stays in the table for the next start.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// HTTP timeout). What is still queued stays in the table for the next start. The loop
+    /// beats `health` on every turn, and its database calls are bounded waits.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, health: Arc<Health>) {
         let mut active: JoinSet<(i32, Option<Duration>)> = JoinSet::new();
         let mut running: HashSet<i32> = HashSet::new();
         let mut not_before: HashMap<i32, Instant> = HashMap::new();
         let mut next_scan = Instant::now();
         loop {
+            health.beat(Part::Outbox);
             if !shutdown.is_cancelled() {
                 let now = Instant::now();
                 // The processor names the flows it wrote requests for; the whole table is read
@@ -155,7 +159,7 @@ impl Outbox {
                 // that died. Reading it on every commit made delivery slow down as it grew.
                 let mut candidates = if now >= next_scan {
                     next_scan = now + IDLE_POLL;
-                    self.flows_with_requests().await
+                    self.flows_with_requests(&health).await
                 } else {
                     self.signal.take(&running)
                 };
@@ -170,7 +174,12 @@ impl Outbox {
                     if running.contains(&flow) || not_before.contains_key(&flow) {
                         continue;
                     }
-                    match self.queue.acquire(flow).await {
+                    let acquire = self.queue.acquire(flow);
+                    let Some(acquired) = health.within(Part::Outbox, db::ANSWER_WITHIN, acquire).await else {
+                        tracing::warn!("Outbox cannot take the lease of flow {flow}: {}", no_answer());
+                        continue;
+                    };
+                    match acquired {
                         Ok(Some(held_until)) => {
                             running.insert(flow);
                             let outbox = Arc::clone(&self);
@@ -185,6 +194,8 @@ impl Outbox {
                 }
             }
             let wake_at = not_before.values().copied().min().unwrap_or(next_scan).min(next_scan);
+            // Turned at least every beat, so the watchdog can tell an idle loop from a stuck one.
+            let wake_at = wake_at.min(Instant::now() + health::BEAT);
             tokio::select! {
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
                 _ = self.signal.notify.notified() => {}
@@ -206,11 +217,19 @@ impl Outbox {
     }
 
     /// Every flow with requests not yet delivered or dead.
-    async fn flows_with_requests(&self) -> HashSet<i32> {
-        self.queue.flows_with_requests().await.unwrap_or_else(|error| {
-            tracing::warn!("Outbox cannot read pending requests: {error}");
-            HashSet::new()
-        })
+    async fn flows_with_requests(&self, health: &Health) -> HashSet<i32> {
+        let read = health.within(Part::Outbox, db::ANSWER_WITHIN, self.queue.flows_with_requests()).await;
+        match read {
+            Some(Ok(flows)) => flows,
+            Some(Err(error)) => {
+                tracing::warn!("Outbox cannot read pending requests: {error}");
+                HashSet::new()
+            }
+            None => {
+                tracing::warn!("Outbox cannot read pending requests: {}", no_answer());
+                HashSet::new()
+            }
+        }
     }
 
     /// Sends a flow's due requests until none is due; returns how long until the next one is.
@@ -474,6 +493,10 @@ impl Outbox {
         }
         Ok(Some(settled))
     }
+}
+
+fn no_answer() -> String {
+    format!("the database did not answer within {:?}", db::ANSWER_WITHIN)
 }
 
 /// How waiting for more requests of a flow ended.

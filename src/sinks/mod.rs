@@ -53,6 +53,11 @@ impl Effect {
     pub fn committed(&self, flow: &Flow) -> AfterCommit {
         self.rendered().committed(flow)
     }
+
+    /// See [`Rendered::bytes`].
+    pub fn bytes(&self, flow: &Flow) -> usize {
+        self.rendered().bytes(flow)
+    }
 }
 
 /// What the commit and the processor ask of an effect, whatever its action.
@@ -62,6 +67,8 @@ pub trait Rendered {
     fn too_big(&self, flow: &Flow, bounds: &StatementBounds) -> Option<String>;
     /// What its commit leaves to do or to report.
     fn committed(&self, flow: &Flow) -> AfterCommit;
+    /// About how many bytes its rows take in statements: what a write of it costs on the wire.
+    fn bytes(&self, flow: &Flow) -> usize;
 }
 
 /// What became of an effect once its transaction committed, beyond its counter.
@@ -78,6 +85,8 @@ pub enum AfterCommit {
 
 /// One message for one flow, validated and rendered.
 pub struct Item {
+    /// Which message of the batch it renders: a message's items are consecutive.
+    pub message: usize,
     pub flow: Arc<Flow>,
     pub topic: Arc<str>,
     pub effect: Effect,

@@ -38,6 +38,10 @@ impl Rendered for Request {
         })
     }
 
+    fn bytes(&self, flow: &Flow) -> usize {
+        self.body.as_ref().map_or(0, |body| queue::row_bytes(&flow.code, &self.url, body))
+    }
+
     fn committed(&self, flow: &Flow) -> AfterCommit {
         match &self.body {
             Ok(_) => AfterCommit::Queued,

@@ -78,6 +78,10 @@ impl Rendered for Attributes {
     fn committed(&self, _flow: &Flow) -> AfterCommit {
         AfterCommit::Done
     }
+
+    fn bytes(&self, flow: &Flow) -> usize {
+        self.0.iter().map(|attribute| row_bytes(&flow.code, attribute)).sum()
+    }
 }
 
 /// What one row costs in a statement (see [`db::row_bytes`]).

@@ -10,7 +10,7 @@ use testkit::{MariaDb, Publisher};
 
 /// `{"i": n, "pad": "..."}` for each n, `per_second` of them, with QoS 1; waits for the
 /// broker to take them all.
-fn stream(topic: String, count: u32, per_second: u32, pad: usize) -> tokio::task::JoinHandle<()> {
+pub(crate) fn stream(topic: String, count: u32, per_second: u32, pad: usize) -> tokio::task::JoinHandle<()> {
     let port = shared().broker.port;
     tokio::spawn(async move {
         let mut publisher = Publisher::connect(port).await.expect("publisher");
@@ -26,7 +26,7 @@ fn stream(topic: String, count: u32, per_second: u32, pad: usize) -> tokio::task
     })
 }
 
-async fn readyz(port: u16) -> (u16, String) {
+pub(crate) async fn readyz(port: u16) -> (u16, String) {
     mqtt_gateway::tls::install_crypto_provider();
     match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
         Ok(response) => (response.status().as_u16(), response.text().await.unwrap_or_default()),
@@ -35,7 +35,7 @@ async fn readyz(port: u16) -> (u16, String) {
 }
 
 /// Polls `/readyz` until its status is `status`, and returns its body.
-async fn wait_ready_status(port: u16, status: u16) -> String {
+pub(crate) async fn wait_ready_status(port: u16, status: u16) -> String {
     poll_until(&format!("/readyz to answer {status}"), WAIT, || async move {
         let (got, body) = readyz(port).await;
         if got == status {
@@ -48,7 +48,7 @@ async fn wait_ready_status(port: u16, status: u16) -> String {
 }
 
 /// Everything published is stored exactly once, the counter is exact, nothing failed.
-async fn assert_all_stored(env: &TestEnv, gateway: &testkit::Gateway, count: i64) {
+pub(crate) async fn assert_all_stored(env: &TestEnv, gateway: &testkit::Gateway, count: i64) {
     wait_stored(env, count, Duration::from_secs(150)).await;
     let (distinct, total) = env.distinct_i("S").await;
     assert_eq!((distinct, total), (count, count), "stored once each");
@@ -60,7 +60,7 @@ async fn assert_all_stored(env: &TestEnv, gateway: &testkit::Gateway, count: i64
 /// Waits until `count` distinct messages of flow S are stored. Queries that fail or time out
 /// count as "not yet": a MariaDB that hit a full disk may wait up to a minute after space is
 /// freed before it goes on ("Waiting for someone to free space...").
-async fn wait_stored(env: &TestEnv, count: i64, limit: Duration) {
+pub(crate) async fn wait_stored(env: &TestEnv, count: i64, limit: Duration) {
     poll_until(&format!("{count} messages of S stored"), limit, || async move {
         let query = sqlx::query_scalar::<_, i64>(
             "SELECT COUNT(DISTINCT attribute_value) FROM data WHERE flow_code = 'S' AND attribute_name = 'i'",
@@ -79,13 +79,13 @@ async fn wait_stored(env: &TestEnv, count: i64, limit: Duration) {
 }
 
 /// One ERROR line when holding starts, not one per retry.
-fn assert_one_episode(gateway: &testkit::Gateway) {
+pub(crate) fn assert_one_episode(gateway: &testkit::Gateway) {
     let logs = gateway.logs();
     assert_eq!(gateway.count("Database cannot take writes"), 1, "one line when holding starts:\n{logs}");
 }
 
 /// Starts a gateway with `/readyz` on a free port; returns it and the port.
-async fn start_watched(env: &mut TestEnv) -> (testkit::Gateway, u16) {
+pub(crate) async fn start_watched(env: &mut TestEnv) -> (testkit::Gateway, u16) {
     let port = testkit::free_port();
     env.set("METRICS_ADDR", format!("127.0.0.1:{port}"));
     let gateway = env.start().await;

@@ -35,3 +35,4 @@ mod store_db;
 mod subscriptions;
 mod systemd;
 mod tls;
+mod waiting;

@@ -1,6 +1,6 @@
 //! systemd integration, through a real notification socket: readiness only once subscribed,
-//! reload and stop notifications, watchdog pings tied to pipeline progress; structured logs;
-//! the database over its Unix socket.
+//! reload and stop notifications, watchdog pings that stop only when a part of the pipeline is
+//! stuck (not when it waits); structured logs; the database over its Unix socket.
 
 use crate::harness::*;
 use std::os::unix::net::UnixDatagram;
@@ -10,14 +10,14 @@ use testkit::mariadb::Durability;
 use testkit::MariaDb;
 
 /// A `NOTIFY_SOCKET` that records every notification with the time it arrived.
-struct NotifySocket {
-    path: std::path::PathBuf,
+pub(crate) struct NotifySocket {
+    pub(crate) path: std::path::PathBuf,
     received: Arc<Mutex<Vec<(Instant, String)>>>,
     _dir: tempfile::TempDir,
 }
 
 impl NotifySocket {
-    fn new() -> NotifySocket {
+    pub(crate) fn new() -> NotifySocket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
@@ -33,7 +33,7 @@ impl NotifySocket {
         NotifySocket { path, received, _dir: dir }
     }
 
-    fn messages(&self) -> Vec<String> {
+    pub(crate) fn messages(&self) -> Vec<String> {
         self.received.lock().unwrap().iter().map(|(_, m)| m.clone()).collect()
     }
 
@@ -41,13 +41,32 @@ impl NotifySocket {
         self.messages().iter().position(|m| m.lines().any(|l| l == needle))
     }
 
-    fn pings_since(&self, since: Instant) -> usize {
+    pub(crate) fn pings_since(&self, since: Instant) -> usize {
         self.received
             .lock()
             .unwrap()
             .iter()
             .filter(|(at, m)| *at >= since && m.contains("WATCHDOG=1"))
             .count()
+    }
+
+    /// The longest time between two watchdog pings, or between the last one and now.
+    pub(crate) fn longest_ping_gap(&self) -> Duration {
+        let pings: Vec<Instant> = self
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+            .map(|(at, _)| *at)
+            .collect();
+        let last = pings.last().map(|at| at.elapsed()).unwrap_or(Duration::MAX);
+        pings.windows(2).map(|w| w[1] - w[0]).chain([last]).max().unwrap_or(Duration::MAX)
+    }
+
+    /// Whether a `STATUS=` line containing `needle` arrived.
+    pub(crate) fn status_said(&self, needle: &str) -> bool {
+        self.messages().iter().any(|m| m.lines().any(|l| l.starts_with("STATUS=") && l.contains(needle)))
     }
 }
 
@@ -83,30 +102,41 @@ async fn ready_comes_after_the_subscriptions_then_reloading_and_stopping() {
 }
 
 #[tokio::test]
-async fn watchdog_pings_stop_while_the_processor_hangs() {
+async fn the_watchdog_is_fed_through_a_frozen_database_and_starved_by_a_wedged_processor() {
     let server = MariaDb::start(Durability::Relaxed).unwrap();
     let mut env = TestEnv::on(&server).await;
     let notify = NotifySocket::new();
+    let watchdog = Duration::from_secs(2);
     env.set("NOTIFY_SOCKET", notify.path.to_str().unwrap());
-    env.set("WATCHDOG_USEC", "1000000");
-    let topic = env.topic("t");
-    env.add_flow("F", &topic, "STORE_DB", "{}", None).await;
+    env.set("WATCHDOG_USEC", watchdog.as_micros().to_string());
+    let (topic, wedge) = (env.topic("t"), env.topic("wedge"));
+    env.set("MQTT_GATEWAY_TEST_WEDGE_ON_TOPIC", wedge.as_str());
+    env.add_flow("F", &env.topic("+"), "STORE_DB", "{}", None).await;
     let gateway = env.start().await;
     let started = Instant::now();
     eventually("watchdog pings", || notify.pings_since(started) >= 3).await;
 
-    // A frozen database hangs the processor inside a query: no more progress, no more pings.
+    // A frozen database: every wait on it is bounded, so the processor waits, holds the stream
+    // and says so, and the watchdog is fed all along.
     server.pause(true);
     publish(&topic, &[br#"{"v": 1}"#]).await;
-    wait_log(&gateway, "the processor has made no progress").await;
-    let stalled = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert_eq!(notify.pings_since(stalled), 0, "no WATCHDOG=1 while the processor hangs");
-
+    eventually_within(Duration::from_secs(40), "the hold reported", || {
+        gateway.count("Database cannot take writes") > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     server.pause(false);
     env.wait_counter("F", 1).await;
-    let thawed = Instant::now();
-    eventually("pings again", || notify.pings_since(thawed) >= 2).await;
+    let gap = notify.longest_ping_gap();
+    assert!(gap <= watchdog / 2, "{gap:?} without a ping while the database was frozen:\n{}", gateway.logs());
+    assert_eq!(gateway.count("is stuck"), 0, "{}", gateway.logs());
+
+    // A wedged processor: it stops turning with nothing outstanding, and the pings stop.
+    publish(&wedge, &[br#"{"v": 2}"#]).await;
+    wait_log(&gateway, "the processor is stuck").await;
+    let stalled = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(notify.pings_since(stalled), 0, "no WATCHDOG=1 while the processor is wedged");
 }
 
 #[tokio::test]

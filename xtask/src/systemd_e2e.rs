@@ -4,16 +4,17 @@
 //! runs the release binary with the unit the NixOS module renders (`nixos/rendered/`, only the
 //! `/nix/store` path of `ExecStart` replaced) and then with the Debian unit
 //! (`dist/systemd/`). Each check acts with the operator's tools (`systemctl`, `journalctl`,
-//! `mariadb`, `mosquitto_pub`) and asserts what they show. Two checks change the unit with a
+//! `mariadb`, `mosquitto_pub`) and asserts what they show. Three checks change the unit with a
 //! drop-in, as an operator would: `FLOWS_RELOAD_INTERVAL_SECONDS=3600` (as the VM test does, so
-//! only `systemctl reload` can apply a flow) and `WatchdogSec=3` for the hung-query check (the
-//! rendered 30 s would make it a minute longer and prove nothing more).
+//! only `systemctl reload` can apply a flow) and `WatchdogSec=3` for the two watchdog checks (the
+//! rendered 30 s would make them longer and prove nothing more); the wedged-task check also
+//! runs the debug build, whose fault switch wedges the processor for real.
 //!
 //! Needs root, `systemd-container` and `debootstrap` (`.ci/run` installs both). The container
-//! root is made once per machine; a run takes about 2 minutes after the release build.
+//! root is made once per machine; a run takes about 3 minutes after the builds.
 //!
-//! Longer than our other files: ten checks that read top to bottom like one operator's session
-//! with the unit, each a few dozen lines; the container itself lives in `nspawn`.
+//! Longer than our other files: eleven checks that read top to bottom like one operator's
+//! session with the unit, each a few dozen lines; the container itself lives in `nspawn`.
 
 use crate::nspawn::{self, Container};
 use crate::{cargo, root};
@@ -40,6 +41,9 @@ pub fn systemd_e2e(args: &[String]) -> anyhow::Result<()> {
         return Ok(());
     }
     cargo("build the release binary", &["build", "--release", "--bin", "mqtt-gateway"])?;
+    // For its fault switch, which release builds leave out. Built with the e2e tests, as `cargo
+    // xtask ci` builds it: alone it would get other dependency features, and be built twice.
+    cargo("build the debug binary", &["build", "--bin", "mqtt-gateway", "--test", "e2e"])?;
     let project = root();
     let container = Container::boot(&image, |copy| install(&project, copy))?;
     let bed = Bed { c: &container };
@@ -79,6 +83,7 @@ fn install(project: &Path, copy: &Path) -> anyhow::Result<()> {
     let into = |path: &str| copy.join(path.trim_start_matches('/'));
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| project.join("target"), Into::into);
     std::fs::copy(target.join("release/mqtt-gateway"), into("/usr/local/bin/mqtt-gateway"))?;
+    std::fs::copy(target.join("debug/mqtt-gateway"), into("/usr/local/bin/mqtt-gateway-debug"))?;
     let units = into("/etc/gw-units");
     std::fs::create_dir_all(&units)?;
     for name in ["gateway", "remote-database"] {
@@ -207,12 +212,13 @@ impl Bed<'_> {
              GRANT ALL PRIVILEGES ON mqtt_gateway.* TO 'mqtt-gateway'@'localhost';",
         )?;
         type Check<'b> = fn(&Bed<'b>) -> anyhow::Result<Row>;
-        let checks: [(&str, Check); 10] = [
+        let checks: [(&str, Check); 11] = [
             ("readiness", Bed::readiness),
             ("dynamicuser-unix-socket", Bed::dynamic_user),
             ("reload", Bed::reload),
             ("journal-fields", Bed::journal),
-            ("watchdog-hung-query", Bed::watchdog),
+            ("watchdog-lock-wait", Bed::watchdog_lock_wait),
+            ("watchdog-wedged-task", Bed::watchdog_wedged_task),
             ("security", Bed::security),
             ("stop-under-load", Bed::stop_under_load),
             ("broker-down-at-start", Bed::broker_down_at_start),
@@ -409,37 +415,107 @@ impl Bed<'_> {
         })
     }
 
-    /// A query hung on a table lock stops the pings; systemd restarts the gateway; every
-    /// message of a QoS 1 stream is stored once the lock goes.
-    fn watchdog(&self) -> anyhow::Result<Row> {
+    /// `data` locked for a minute is the database not taking writes, not a stuck gateway: it
+    /// holds and says so, the watchdog is fed throughout (no timeout, no restart), and every
+    /// reading of a QoS 1 stream is stored, once, after the lock goes.
+    fn watchdog_lock_wait(&self) -> anyhow::Result<Row> {
         self.ok("systemctl stop mqtt-gateway")?;
         self.drop_in("watchdog", &["WatchdogSec=3"])?;
         self.add_flow("W_STREAM", "w/seq")?;
         self.ok("systemctl start mqtt-gateway")?;
         let restarts_before: u32 = self.show("NRestarts").parse().unwrap_or(0);
         let cursor = self.cursor()?;
-        let n = 200;
-        self.stream("w/seq", 1, n, 50)?;
+        // A reading every 150 ms: the stream lasts as long as the lock.
+        let n = 400;
+        self.stream("w/seq", 1, n, 150)?;
         std::thread::sleep(Duration::from_secs(2));
-        self.ok("(mariadb mqtt_gateway -e 'LOCK TABLES data WRITE; SELECT SLEEP(12); UNLOCK TABLES') >/dev/null 2>&1 &")?;
+        self.ok("(mariadb mqtt_gateway -e 'LOCK TABLES data WRITE; SELECT SLEEP(60); UNLOCK TABLES') >/dev/null 2>&1 &")?;
+        let journal = || self.journal_since(&cursor, "-u mqtt-gateway -o cat");
+        let held = self
+            .wait("the hold in the journal", Duration::from_secs(30), || {
+                journal().contains("Database cannot take writes")
+            })
+            .is_ok();
+        let status = self
+            .wait("the status line", Duration::from_secs(30), || {
+                self.show("StatusText").contains("lock wait")
+            })
+            .map(|_| self.show("StatusText"))
+            .unwrap_or_else(|_| self.show("StatusText"));
         let distinct =
             || self.count("SELECT COUNT(DISTINCT attribute_value) FROM data WHERE flow_code = 'W_STREAM'");
-        let waited =
-            self.wait("every reading after the lock", Duration::from_secs(90), || distinct() == i64::from(n));
+        let waited = self
+            .wait("every reading after the lock", Duration::from_secs(150), || distinct() == i64::from(n));
         let rows = self.count("SELECT COUNT(*) FROM data WHERE flow_code = 'W_STREAM'");
+        let resumed = journal().contains("Database takes writes again");
         let timeouts = self.journal_since(&cursor, "_PID=1 -o cat").matches("Watchdog timeout").count();
         let restarts = self.show("NRestarts").parse::<u32>().unwrap_or(0) - restarts_before;
-        self.wait("the unit active again", Duration::from_secs(30), || self.show("ActiveState") == "active")
-            .ok();
         let state = self.show("ActiveState");
-        let pass = waited.is_ok() && timeouts >= 1 && restarts >= 1 && state == "active";
+        let pass = waited.is_ok()
+            && held
+            && status.contains("lock wait")
+            && resumed
+            && timeouts == 0
+            && restarts == 0
+            && rows == distinct()
+            && state == "active";
         self.ok(&format!("rm -f {DROP_IN}/watchdog.conf && systemctl daemon-reload"))?;
         Ok(Row {
-            check: "watchdog-hung-query",
+            check: "watchdog-lock-wait",
             pass,
             measured: format!(
-                "data locked 12 s (WatchdogSec=3): {timeouts} watchdog timeouts, {restarts} restarts, {}/{n} readings \
-                 stored ({} duplicates, QoS 1 allows them), state {state}",
+                "data locked 60 s (WatchdogSec=3): {timeouts} watchdog timeouts, {restarts} restarts; hold in the \
+                 journal: {held}, resumed: {resumed}; status {status:?}; {}/{n} readings stored, {} duplicates; \
+                 state {state}",
+                distinct(),
+                rows - distinct()
+            ),
+        })
+    }
+
+    /// A task that stops turning with nothing outstanding is stuck: the debug build's fault
+    /// switch wedges the processor on a QoS 0 message (gone after the restart), the watchdog
+    /// starves, systemd restarts the gateway, and every reading of a QoS 1 stream is stored.
+    fn watchdog_wedged_task(&self) -> anyhow::Result<Row> {
+        self.ok("systemctl stop mqtt-gateway")?;
+        self.drop_in(
+            "watchdog",
+            &[
+                "WatchdogSec=3",
+                "ExecStart=",
+                "ExecStart=/usr/local/bin/mqtt-gateway-debug",
+                "Environment=MQTT_GATEWAY_TEST_WEDGE_ON_TOPIC=w/wedge",
+            ],
+        )?;
+        self.add_flow("W_WEDGE", "w/wedge")?;
+        self.add_flow("W_AROUND", "w/around")?;
+        self.ok("systemctl start mqtt-gateway")?;
+        let restarts_before: u32 = self.show("NRestarts").parse().unwrap_or(0);
+        let cursor = self.cursor()?;
+        let n = 200;
+        self.stream("w/around", 1, n, 50)?;
+        std::thread::sleep(Duration::from_secs(2));
+        self.ok(r#"mosquitto_pub -h 127.0.0.1 -q 0 -t w/wedge -m '{"temperature": 0}'"#)?;
+        let restarts = || self.show("NRestarts").parse::<u32>().unwrap_or(0) - restarts_before;
+        let restarted = self.wait("a restart", Duration::from_secs(30), || restarts() >= 1);
+        let distinct =
+            || self.count("SELECT COUNT(DISTINCT attribute_value) FROM data WHERE flow_code = 'W_AROUND'");
+        let waited = self.wait("every reading", Duration::from_secs(90), || distinct() == i64::from(n));
+        self.wait("the unit active again", Duration::from_secs(30), || self.show("ActiveState") == "active")
+            .ok();
+        let stuck = self.journal_since(&cursor, "-u mqtt-gateway -o cat").contains("the processor is stuck");
+        let timeouts = self.journal_since(&cursor, "_PID=1 -o cat").matches("Watchdog timeout").count();
+        let rows = self.count("SELECT COUNT(*) FROM data WHERE flow_code = 'W_AROUND'");
+        let state = self.show("ActiveState");
+        let pass = restarted.is_ok() && waited.is_ok() && stuck && timeouts >= 1 && state == "active";
+        self.ok(&format!("rm -f {DROP_IN}/watchdog.conf && systemctl daemon-reload"))?;
+        Ok(Row {
+            check: "watchdog-wedged-task",
+            pass,
+            measured: format!(
+                "processor wedged (debug build, WatchdogSec=3): \"stuck\" logged: {stuck}, {timeouts} watchdog \
+                 timeouts, {} restarts; {}/{n} readings stored ({} duplicates, QoS 1 allows them), state {state}",
+                restarts(),
                 distinct(),
                 rows - distinct()
             ),

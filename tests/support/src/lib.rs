@@ -1,8 +1,9 @@
 //! Real services for mqtt-gateway's tests, benchmark and demo: a MariaDB server, a Mosquitto
 //! broker, an HTTP echo server (with a TLS front for HTTPS) and a Prometheus server, each on a
-//! free loopback port in its own temporary directory, plus a handle on a running gateway process
-//! and a QoS 1 publisher. `GatewayDb` is the gateway's own database on such a server with the
-//! environment that points a gateway at it; `poll_until` is the one bounded wait.
+//! free loopback port in its own temporary directory, plus a handle on a running gateway process,
+//! a QoS 1 publisher, and TCP proxies that delay a link or refuse database writes. `GatewayDb`
+//! is the gateway's own database on such a server with the environment that points a gateway
+//! at it; `poll_until` is the one bounded wait.
 //!
 //! Nothing is mocked. Processes are stopped when their handle drops, and at process exit for
 //! the shared ones; a run that was killed leaves directories that the next run sweeps away,
@@ -20,6 +21,7 @@ mod prometheus;
 mod proxy;
 mod publish;
 mod tls_front;
+mod write_refusing_proxy;
 
 pub use database::{set_var, GatewayDb, Login, SqlServer};
 pub use echo::{EchoServer, Recorded};
@@ -31,6 +33,7 @@ pub use prometheus::Prometheus;
 pub use proxy::{Cutter, DelayProxy, Mqtt311Only};
 pub use publish::Publisher;
 pub use tls_front::TlsFront;
+pub use write_refusing_proxy::{Refusal, WriteRefusingProxy};
 
 use std::net::TcpListener;
 use std::path::PathBuf;
