@@ -20,7 +20,7 @@
 use crate::backoff::Backoff;
 use crate::db::{self, StatementBounds};
 use crate::flows::table;
-use crate::health::{self, Health, Part};
+use crate::health::{Health, Part};
 use crate::sinks::{Item, Rows};
 use chrono::NaiveDateTime;
 use sqlx::{Connection, MySqlConnection, MySqlPool};
@@ -148,15 +148,12 @@ impl Commit {
             dropped_connection = 0;
             let delay = backoff.step();
             self.hold.hold(&self.health, group.len(), &error, delay);
-            // Waiting for the database is healthy as far as the watchdog is concerned: keep
-            // beating while the backoff runs.
-            let until = Instant::now() + delay;
-            while Instant::now() < until {
-                self.health.beat_processor();
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return Attempt::ShutDown,
-                    _ = tokio::time::sleep_until(until.min(Instant::now() + health::BEAT)) => {}
-                }
+            // Waiting for the database is healthy as far as the watchdog is concerned: the
+            // backoff is a wait with its bound.
+            let _waiting = self.health.waiting(Part::Processor, delay);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Attempt::ShutDown,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }

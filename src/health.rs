@@ -6,14 +6,17 @@
 //! A part is *stuck* when it has not come back to its loop within a limit although nothing it
 //! waits on is outstanding: a bounded wait counts as a turn at the moment it must end by, so a
 //! part waiting on the database (for a lock, say) is never stuck before its bound has run out.
+//!
+//! An idle part does not wake up on a timer to show it is alive: the watchdog pokes it
+//! ([`Health::poke`]) when it checks, and a part that is not stuck comes back to its loop for
+//! the poke. So an idle gateway wakes a few times per watchdog check, not several times a
+//! second, and a stuck part is still found: it does not answer.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// How often an idle part beats anyway, to show it is not wedged.
-pub const BEAT: Duration = Duration::from_millis(250);
+use tokio::sync::Notify;
 
 /// The parts that turn a loop of their own, and that the watchdog watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +51,8 @@ pub struct Health {
     refused: Mutex<Vec<String>>,
     /// Startup is complete: subscribed, flows loaded.
     ready: AtomicBool,
+    /// Per part, the watchdog's request to come back to its loop.
+    pokes: [Notify; 3],
 }
 
 impl Default for Health {
@@ -61,6 +66,7 @@ impl Default for Health {
             broker_connected: AtomicBool::new(false),
             refused: Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
+            pokes: Default::default(),
         }
     }
 }
@@ -97,6 +103,19 @@ impl Health {
 
     pub fn beat_processor(&self) {
         self.beat(Part::Processor);
+    }
+
+    /// Asks every part to come back to its loop (and so beat) once: what the watchdog does
+    /// before it checks again. A part busy now keeps the request for its next wait.
+    pub fn poke(&self) {
+        for poke in &self.pokes {
+            poke.notify_one();
+        }
+    }
+
+    /// Resolves when `part` is poked: each part waits on this beside its own work.
+    pub async fn poked(&self, part: Part) {
+        self.pokes[part as usize].notified().await
     }
 
     /// `part` waits on something that ends by itself within `bound` (a timeout enforces it),

@@ -13,7 +13,7 @@
 use crate::commit::{Commit, Committed, Outcome};
 use crate::config::BatchSettings;
 use crate::flows::{Flow, FlowSet};
-use crate::health::{self, Health, Part};
+use crate::health::{Health, Part};
 use crate::mqtt::{Acker, Message};
 use crate::outbox::OutboxSignal;
 use crate::payload::decode;
@@ -58,7 +58,6 @@ impl Processor {
     /// Runs until the session closes the channel (at shutdown) and what it holds is written.
     pub async fn run(self, mut messages: mpsc::UnboundedReceiver<Message>) {
         let mut batch = Vec::with_capacity(self.batch.max_messages);
-        let mut beat = tokio::time::interval(health::BEAT);
         loop {
             self.health.beat_processor();
             let first = tokio::select! {
@@ -66,7 +65,8 @@ impl Processor {
                     Some(message) => message,
                     None => break,
                 },
-                _ = beat.tick() => continue,
+                // The watchdog asks: coming back to the loop is the answer.
+                _ = self.health.poked(Part::Processor) => continue,
             };
             batch.push(first);
             self.fill(&mut batch, &mut messages).await;

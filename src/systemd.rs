@@ -142,6 +142,10 @@ pub async fn supervise(
     flows: watch::Receiver<Arc<FlowSet>>,
     shutdown: CancellationToken,
 ) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        // No service manager to tell anything: nothing to wake up for.
+        return shutdown.cancelled().await;
+    }
     let watchdog = watchdog_enabled();
     let ping_every = watchdog.map_or(STATUS_EVERY, |interval| interval / 4);
     let stuck_after = watchdog.map_or(STATUS_EVERY, stuck_after);
@@ -173,6 +177,9 @@ pub async fn supervise(
                 }
                 Some(_) => {}
             }
+            // Each part comes back to its loop for this before the next check; an idle one
+            // sleeps until then instead of beating on a timer of its own.
+            health.poke();
         }
         if last_status.elapsed() >= STATUS_EVERY {
             last_status = tokio::time::Instant::now();
@@ -182,10 +189,10 @@ pub async fn supervise(
 }
 
 /// How long a part may go without turning its loop before it counts as stuck: half the
-/// watchdog interval, and never less than four of the beats an idle part gives, so that a very
-/// short interval does not take an idle part for a stuck one.
+/// watchdog interval (two checks, each of which pokes it), and never less than a second, so
+/// that a very short interval does not take a part slowed by a busy machine for a stuck one.
 fn stuck_after(interval: Duration) -> Duration {
-    (interval / 2).max(crate::health::BEAT * 4)
+    (interval / 2).max(Duration::from_secs(1))
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ pub use http::redacted_str;
 use crate::backoff;
 use crate::config::DeliverySettings;
 use crate::db;
-use crate::health::{self, Health, Part};
+use crate::health::{Health, Part};
 use http::{Failure, Sender};
 use lease::Lease;
 use queue::{Queue, Request};
@@ -194,10 +194,10 @@ impl Outbox {
                 }
             }
             let wake_at = not_before.values().copied().min().unwrap_or(next_scan).min(next_scan);
-            // Turned at least every beat, so the watchdog can tell an idle loop from a stuck one.
-            let wake_at = wake_at.min(Instant::now() + health::BEAT);
             tokio::select! {
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+                // The watchdog asks: coming back to the loop is the answer.
+                _ = health.poked(Part::Outbox) => {}
                 _ = self.signal.notify.notified() => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
                 Some(done) = active.join_next(), if !active.is_empty() => {

@@ -184,6 +184,20 @@ impl BrokerSession {
 
     /// Pings when nothing else was sent for half the keepalive, and gives up on a connection
     /// that does not answer within the keepalive while it is being read.
+    /// When the keepalive next needs looking at: a ping due half a keepalive after the last
+    /// packet sent, or the answer to one overdue. `None` without a connection or a keepalive.
+    pub(super) fn keepalive_due(&self) -> Option<Instant> {
+        let link = self.link.as_ref()?;
+        if link.keepalive.is_zero() {
+            return None;
+        }
+        let ping = link.last_sent + link.keepalive / 2;
+        Some(match link.ping_sent {
+            Some(sent) => ping.min(sent + link.keepalive + Duration::from_millis(1)),
+            None => ping,
+        })
+    }
+
     pub(super) fn keep_alive(&mut self) {
         let full = self.window.is_full();
         let Some(link) = self.link.as_mut() else { return };

@@ -30,7 +30,7 @@ use super::window::Window;
 use super::{AckToken, Acker, Message, StartError, SubscriptionHandle, Want};
 use crate::backoff::Backoff;
 use crate::flows::FlowSet;
-use crate::health::{self, Health};
+use crate::health::{Health, Part};
 use rumqttc::QoS;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -44,6 +44,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// How long the initial subscriptions may take before startup fails.
 const SUBACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a busy session looks at its keepalive (an idle one sleeps until it is due).
+const KEEPALIVE_CHECK: Duration = Duration::from_secs(1);
 /// Acks or packets handled in one turn of the session's loop when more are ready.
 const BURST: usize = 256;
 
@@ -79,7 +81,6 @@ pub struct BrokerSession {
     backoff: Backoff,
     health: Arc<Health>,
     processor: Option<JoinHandle<()>>,
-    tick: tokio::time::Interval,
     /// `None` with a clean session, which the broker never keeps.
     held: Option<Held>,
     held_answers_tx: mpsc::UnboundedSender<(u64, Option<BTreeSet<String>>)>,
@@ -106,8 +107,6 @@ impl BrokerSession {
         let (ack_tx, acks) = mpsc::unbounded_channel();
         let (held_answers_tx, held_answers) = mpsc::unbounded_channel();
         let wanted = flows.borrow().subscriptions();
-        let mut tick = tokio::time::interval(health::BEAT);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let session = BrokerSession {
             address: target.address(),
             version: target.version,
@@ -128,7 +127,6 @@ impl BrokerSession {
             backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP),
             health,
             processor: None,
-            tick,
             held,
             held_answers_tx,
             held_answers,
@@ -217,10 +215,18 @@ impl BrokerSession {
         // Beaten on every turn, not on a tick alone: under load the channels are always ready
         // and a timer branch could wait long.
         self.health.beat_session();
-        if self.last_keepalive_check.elapsed() >= health::BEAT {
+        if self.last_keepalive_check.elapsed() >= KEEPALIVE_CHECK {
             self.last_keepalive_check = Instant::now();
             self.keep_alive();
         }
+        // Idle, the session sleeps until a ping is due (or the watchdog pokes it).
+        let keepalive_due = self.keepalive_due();
+        let keepalive = async move {
+            match keepalive_due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let (link, connecting, retry_at, processor) =
             (&mut self.link, &mut self.connecting, self.retry_at, &mut self.processor);
         let link_event = async move {
@@ -314,7 +320,12 @@ impl BrokerSession {
                 self.begin_connect();
                 Happened::Nothing
             }
-            _ = self.tick.tick() => Happened::Nothing,
+            _ = keepalive => {
+                self.last_keepalive_check = Instant::now();
+                self.keep_alive();
+                Happened::Nothing
+            }
+            _ = self.health.poked(Part::Session) => Happened::Nothing,
         }
     }
 
