@@ -16,7 +16,7 @@ use serde_json::json;
 use sqlx::MySqlPool;
 use std::time::{Duration, Instant};
 use testkit::mariadb::Durability;
-use testkit::measure::{context_switches, cpu_seconds};
+use testkit::measure::{context_switches_by_thread, cpu_seconds};
 use testkit::{Gateway, GatewayDb, Login, MariaDb, Mosquitto, Publisher};
 
 const LOGIN: Login = Login { database: "flows_bench", user: "bench", password: "bench-password" };
@@ -225,10 +225,18 @@ impl Bench {
         self.insert_flows("QUIET", "quiet", 3).await?;
         let (gateway, _) = self.gateway("bench-idle", &[])?;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let before = context_switches(gateway.pid());
+        let before = context_switches_by_thread(gateway.pid());
         let window = Duration::from_secs(10);
         tokio::time::sleep(window).await;
-        let woke = context_switches(gateway.pid()) - before;
+        let after = context_switches_by_thread(gateway.pid());
+        let mut woke = 0;
+        for (thread, switches) in &after {
+            let earlier = before.iter().find(|(t, _)| t == thread).map_or(0, |(_, n)| *n);
+            if switches > &earlier {
+                eprintln!("idle: {thread} woke {} times in {window:?}", switches - earlier);
+            }
+            woke += switches - earlier;
+        }
         sqlx::query("DELETE FROM flows WHERE code LIKE 'QUIET\\_%'").execute(&self.pool).await?;
         Ok(woke as f64 / window.as_secs_f64())
     }

@@ -17,18 +17,26 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// How many times the process's threads have been switched in so far (voluntary and not): a
 /// thread that sleeps and wakes on a timer counts once per wakeup.
 pub fn context_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    context_switches_by_thread(pid).iter().map(|(_, n)| n).sum()
+}
+
+/// [`context_switches`] per thread, by the thread's name.
+pub fn context_switches_by_thread(pid: u32) -> Vec<(String, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     tasks
         .flatten()
         .map(|task| {
             let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            status
+            let name =
+                std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_owned();
+            let switches = status
                 .lines()
                 .filter(|l| {
                     l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:")
                 })
                 .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
-                .sum::<u64>()
+                .sum::<u64>();
+            (format!("{name} ({})", task.file_name().to_string_lossy()), switches)
         })
-        .sum()
+        .collect()
 }
