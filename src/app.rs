@@ -137,7 +137,7 @@ async fn run_with_pool(
 
     let wake_outbox = Arc::new(OutboxSignal::default());
     let outbox = Outbox::new(
-        pool.clone(),
+        &pool,
         settings.delivery.clone(),
         settings.mqtt.client_id.clone(),
         Arc::clone(&wake_outbox),

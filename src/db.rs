@@ -59,6 +59,35 @@ pub async fn connect(settings: &DbSettings) -> anyhow::Result<MySqlPool> {
         .map_err(|error| anyhow::Error::msg(explained(&error)))
 }
 
+/// What a pool beside the main one is for; each has its own connections, so that the commit
+/// (on the pool of [`connect`]) never waits for a connection behind the outbox's work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Reading, recording and scheduling queued requests. Their bodies can be megabytes, so a
+    /// connection gives its buffers back when it returns to the pool instead of keeping the
+    /// largest body's size for good.
+    OutboxRequests,
+    /// Taking, renewing and giving back delivery leases: a renewal that waited behind
+    /// deliveries could lose a lease that is still being used.
+    OutboxLeases,
+}
+
+/// A pool of its own for `purpose`, with exactly the connect options and per-connection setup
+/// of `pool` (built once, by [`connect`]). It connects when first used.
+pub fn pool_beside(pool: &MySqlPool, purpose: Purpose) -> MySqlPool {
+    let options = pool.options().clone().min_connections(0);
+    let options = match purpose {
+        Purpose::OutboxRequests => options.max_connections(4).after_release(|connection, _| {
+            Box::pin(async move {
+                sqlx::Connection::shrink_buffers(connection);
+                Ok(true)
+            })
+        }),
+        Purpose::OutboxLeases => options.max_connections(2),
+    };
+    options.connect_lazy_with((*pool.connect_options()).clone())
+}
+
 /// The error in one line, each cause once. rustls names a refused certificate in its own words
 /// (`UnknownIssuer`); the operator also needs to know which setting to look at.
 fn explained(error: &sqlx::Error) -> String {
