@@ -51,7 +51,10 @@ pub(super) async fn run(pool: &MySqlPool, command: OutboxCommand) -> anyhow::Res
                         e["last_error"].as_str().unwrap_or("-")
                     );
                 }
-                let held = entries.iter().filter(|e| e["state"].as_str().is_some_and(|s| s.starts_with("held"))).count();
+                let held = entries
+                    .iter()
+                    .filter(|e| e["state"].as_str().is_some_and(|s| s.starts_with("held")))
+                    .count();
                 match (dead, held) {
                     (true, _) => println!("{} dead requests", entries.len()),
                     (false, 0) => println!("{} pending requests", entries.len()),

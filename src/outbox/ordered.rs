@@ -183,11 +183,7 @@ impl Outbox {
     }
 
     /// Records and forgets `unrecorded`; the round's end otherwise.
-    async fn record_run(
-        &self,
-        lease: &Lease,
-        unrecorded: &mut Vec<Answer>,
-    ) -> Result<Recorded, Run> {
+    async fn record_run(&self, lease: &Lease, unrecorded: &mut Vec<Answer>) -> Result<Recorded, Run> {
         if unrecorded.is_empty() {
             return Ok(Default::default());
         }

@@ -34,7 +34,11 @@ pub const URL_CHARS: usize = 500;
 pub enum Target {
     /// No `flows` row has the request's `flow_id` any more.
     Deleted,
-    Row { enabled: bool, action: String, endpoint_url: Option<String> },
+    Row {
+        enabled: bool,
+        action: String,
+        endpoint_url: Option<String>,
+    },
 }
 
 /// One flow with requests waiting, as the scheduler reads it.
@@ -328,7 +332,10 @@ impl Queue {
         if done.rows_affected() == 0 && !self.owns(flow).await? {
             return Ok(None);
         }
-        sqlx::query("DELETE FROM gateway_outbox_holds WHERE flow_id = ?").bind(flow).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM gateway_outbox_holds WHERE flow_id = ?")
+            .bind(flow)
+            .execute(&self.pool)
+            .await?;
         Ok(Some((code.unwrap_or_default(), done.rows_affected())))
     }
 

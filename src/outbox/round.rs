@@ -72,7 +72,12 @@ pub(super) enum Linger {
 impl Outbox {
     /// Delivers a flow's due requests until none is due. The lease is kept alive beside the
     /// delivery, and given back at the end.
-    pub(super) async fn deliver_flow(&self, flow: i32, held_until: Instant, shutdown: &CancellationToken) -> Next {
+    pub(super) async fn deliver_flow(
+        &self,
+        flow: i32,
+        held_until: Instant,
+        shutdown: &CancellationToken,
+    ) -> Next {
         let lease = Lease::new(flow, self.settings.lease, held_until);
         let wake = self.signal.wake_for(flow);
         let delivery = self.deliver(&lease, &wake, shutdown);
@@ -178,9 +183,12 @@ impl Outbox {
     /// Deletes what was delivered; schedules or buries what failed, logging each failure.
     /// `None` when this instance no longer owns the flow's lease: then nothing is changed, the
     /// new owner decides.
-    pub(super) async fn record(&self, flow: i32, answers: &[Answer]) -> Result<Option<Recorded>, sqlx::Error> {
-        let delivered: Vec<i64> =
-            answers.iter().filter(|a| a.result.is_ok()).map(|a| a.request.id).collect();
+    pub(super) async fn record(
+        &self,
+        flow: i32,
+        answers: &[Answer],
+    ) -> Result<Option<Recorded>, sqlx::Error> {
+        let delivered: Vec<i64> = answers.iter().filter(|a| a.result.is_ok()).map(|a| a.request.id).collect();
         if !self.queue.delete_delivered(flow, &delivered).await? {
             return Ok(None);
         }

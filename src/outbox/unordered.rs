@@ -186,7 +186,13 @@ impl Outbox {
 
     /// Sends the first request waiting (its bytes granted) and as many after it as fit the
     /// budget now, their bodies read in one statement, each in a task of its own.
-    async fn dispatch(&self, lease: &Lease, endpoint: &Endpoint, first: Grant, pipe: &mut Pipeline) -> Result<(), Next> {
+    async fn dispatch(
+        &self,
+        lease: &Lease,
+        endpoint: &Endpoint,
+        first: Grant,
+        pipe: &mut Pipeline,
+    ) -> Result<(), Next> {
         let mut group = Vec::new();
         group.extend(pipe.waiting.pop_front().map(|request| (request, first)));
         while pipe.sending.len() + group.len() < PAGE {
