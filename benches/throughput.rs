@@ -10,9 +10,10 @@
 //! POST_ENDPOINT is also judged against the endpoint's own ceiling and against the CPU a bare
 //! HTTP client spends per request, both measured in the same run.
 //!
-//! `BENCH_ONLY=post` or `BENCH_ONLY=store` runs one full-speed scenario alone, long enough to
-//! profile the gateway under it (`perf record -p <gateway pid>`); `BENCH_ONLY=latency` the
-//! fixed-rate ones; `BENCH_ONLY=backoff` the one beside 500 flows backing off.
+//! `BENCH_ONLY=post`, `unordered` (POST_ENDPOINT with `HTTP_ORDERED=false`) or `store` runs one
+//! full-speed scenario alone, long enough to profile the gateway under it (`perf record -p
+//! <gateway pid>`); `BENCH_ONLY=latency` the fixed-rate ones; `BENCH_ONLY=backoff` the one
+//! beside 500 flows backing off.
 //!
 //! A little over 400 lines: a bench target is one file, and the scenarios, the two reference
 //! measurements and the report belong together.
@@ -80,6 +81,12 @@ fn main() -> anyhow::Result<()> {
             report(&[run], window)?;
             println!("bare client: {floor:.1} ms CPU per 1,000 requests");
             return Ok(());
+        }
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("unordered") {
+            let unordered = [("HTTP_ORDERED", "false")];
+            let name = "POST_ENDPOINT, HTTP_ORDERED=false";
+            let run = bench.full_speed(name, "POST_ENDPOINT", 2, messages, &unordered).await?;
+            return report(&[run], window);
         }
         if std::env::var("BENCH_ONLY").as_deref() == Ok("latency") {
             let store =
