@@ -14,24 +14,10 @@ use tokio_util::sync::CancellationToken;
 const THREAD_STACK: usize = 8 * 1024 * 1024;
 
 fn main() -> ExitCode {
-    return_large_buffers_to_the_system();
     let cli = Cli::parse();
     match cli.command {
         None | Some(Command::Run) => run_service(),
         Some(command) => run_command(command),
-    }
-}
-
-/// Buffers of 256 KiB and more (large payloads, request bodies read from the outbox) are
-/// mapped for themselves and unmapped when freed. glibc otherwise raises that threshold as
-/// such buffers are freed and serves the next ones from its heap, which it keeps: with a
-/// backlog of 4 MiB request bodies and a 16 MiB `HTTP_MAX_IN_FLIGHT_BYTES`, peak RSS went from
-/// 53 to 42 MiB (debug build, 21 MiB at start) with this setting.
-fn return_large_buffers_to_the_system() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: called first thing in `main`, before any other thread exists or allocates.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
 

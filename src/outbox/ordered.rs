@@ -8,7 +8,7 @@
 
 use super::lease::Lease;
 use super::queue::Queued;
-use super::round::{ids, Answer, Linger, Next, Recorded, CURSOR_REWIND, FIRST_RETRY, PAGE, RECORD_WINDOW};
+use super::round::{Answer, Linger, Next, Recorded, CURSOR_REWIND, FIRST_RETRY, PAGE, RECORD_WINDOW};
 use super::{Endpoint, Outbox};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -118,7 +118,7 @@ impl Outbox {
             let (group, tail) = rest.split_at(take);
             rest = tail;
             let _grant = self.budget.take(group.iter().map(|r| r.bytes)).await;
-            let mut bodies = match self.queue.bodies(&ids(group)).await {
+            let mut bodies = match self.queue.bodies(group.iter().map(|r| (r.id, r.bytes))).await {
                 Ok(bodies) => bodies,
                 Err(error) => {
                     tracing::warn!("Outbox cannot read the requests of flow {flow}: {error}");

@@ -25,6 +25,9 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Bodies longer than this are read in pieces of this size.
+pub const PIECE: u64 = 1 << 20;
+
 /// Characters `gateway_outbox.endpoint_url` holds: as many as `flows.endpoint_url`, whose text
 /// it keeps. A flow whose URL is longer (a widened `flows` column) is refused at load.
 pub const URL_CHARS: usize = 500;
@@ -218,26 +221,62 @@ impl Queue {
         Ok(rows.iter().map(queued).collect())
     }
 
-    /// The bodies of these requests (those still queued), read one row at a time so that no
-    /// more than one body is held twice.
-    pub async fn bodies(&self, ids: &[i64]) -> Result<HashMap<i64, bytes::Bytes>, sqlx::Error> {
-        let mut bodies = HashMap::with_capacity(ids.len());
-        if ids.is_empty() {
-            return Ok(bodies);
+    /// The bodies of these requests (those still queued), by id and recorded length. Small
+    /// bodies come in one statement, one row at a time; a body longer than [`PIECE`] (or of an
+    /// unknown length) in pieces of that size, so that reading it never holds more than the body
+    /// itself and one piece.
+    pub async fn bodies(
+        &self,
+        requests: impl IntoIterator<Item = (i64, Option<u64>)>,
+    ) -> Result<HashMap<i64, bytes::Bytes>, sqlx::Error> {
+        let (small, large): (Vec<_>, Vec<_>) =
+            requests.into_iter().partition(|(_, length)| length.is_some_and(|l| l <= PIECE));
+        let mut bodies = HashMap::with_capacity(small.len() + large.len());
+        if !small.is_empty() {
+            let mut query = QueryBuilder::<MySql>::new("SELECT id, body FROM gateway_outbox WHERE id IN (");
+            let mut list = query.separated(", ");
+            for (id, _) in &small {
+                list.push_bind(*id);
+            }
+            query.push(")");
+            let mut rows = query.build().fetch(&self.pool);
+            while let Some(row) = rows.try_next().await? {
+                let body: &str = row.try_get(1)?;
+                bodies.insert(row.try_get(0)?, bytes::Bytes::copy_from_slice(body.as_bytes()));
+            }
         }
-        let mut query = QueryBuilder::<MySql>::new("SELECT id, body FROM gateway_outbox WHERE id IN (");
-        let mut list = query.separated(", ");
-        for id in ids {
-            list.push_bind(*id);
-        }
-        query.push(")");
-        let query = query.build();
-        let mut rows = query.fetch(&self.pool);
-        while let Some(row) = rows.try_next().await? {
-            let body: &str = row.try_get(1)?;
-            bodies.insert(row.try_get(0)?, bytes::Bytes::copy_from_slice(body.as_bytes()));
+        for (id, length) in large {
+            if let Some(body) = self.body_in_pieces(id, length).await? {
+                bodies.insert(id, body);
+            }
         }
         Ok(bodies)
+    }
+
+    /// One body, [`PIECE`] characters at a time (bodies are JSON with every non-ASCII character
+    /// escaped, so characters are bytes); `None` when the request is gone.
+    async fn body_in_pieces(
+        &self,
+        id: i64,
+        length: Option<u64>,
+    ) -> Result<Option<bytes::Bytes>, sqlx::Error> {
+        let mut body = bytes::BytesMut::with_capacity(length.unwrap_or(PIECE) as usize);
+        let mut from = 1u64;
+        loop {
+            let piece: Option<String> =
+                sqlx::query_scalar("SELECT SUBSTRING(body, ?, ?) FROM gateway_outbox WHERE id = ?")
+                    .bind(from as i64)
+                    .bind(PIECE as i64)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            let Some(piece) = piece else { return Ok(None) };
+            body.extend_from_slice(piece.as_bytes());
+            if (piece.chars().count() as u64) < PIECE {
+                return Ok(Some(body.freeze()));
+            }
+            from += PIECE;
+        }
     }
 
     /// Deletes delivered requests of a flow; false (and nothing deleted that the new owner

@@ -241,11 +241,6 @@ pub(super) fn retry_delay(attempts: u32, retry_after: Option<Duration>, cap: Dur
     retry_after.map_or(backoff, |asked| asked.min(MAX_RETRY_AFTER).max(backoff))
 }
 
-/// The ids of these requests.
-pub(super) fn ids(requests: &[Queued]) -> Vec<i64> {
-    requests.iter().map(|r| r.id).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

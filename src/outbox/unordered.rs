@@ -223,11 +223,11 @@ impl Outbox {
         if !lease.ready().await {
             return Err(Next::Idle);
         }
-        let ids: Vec<i64> = group.iter().map(|(request, _)| request.id).collect();
-        let mut bodies = self.queue.bodies(&ids).await.map_err(|error| {
-            tracing::warn!("Outbox cannot read the requests of flow {}: {error}", lease.flow);
-            Next::Due(FIRST_RETRY)
-        })?;
+        let mut bodies =
+            self.queue.bodies(group.iter().map(|(r, _)| (r.id, r.bytes))).await.map_err(|error| {
+                tracing::warn!("Outbox cannot read the requests of flow {}: {error}", lease.flow);
+                Next::Due(FIRST_RETRY)
+            })?;
         for (request, grant) in group {
             // Gone meanwhile: nothing to send.
             let Some(body) = bodies.remove(&request.id) else { continue };
