@@ -7,9 +7,10 @@
 ALTER TABLE gateway_outbox ADD COLUMN IF NOT EXISTS body_bytes INT NULL;
 UPDATE gateway_outbox SET body_bytes = LENGTH(body) WHERE body_bytes IS NULL;
 
--- The schedule, per flow, by index: which flows have requests due, and each flow's due requests,
--- without reading the requests that are not.
-CREATE INDEX IF NOT EXISTS schedule_by_flow ON gateway_outbox (dead, flow_id, next_attempt_at);
+-- The schedule, per flow, by index: when each flow is next due (the smallest and largest
+-- next_attempt_at of its live requests, two index dives per flow, since flow_id leads), and each
+-- flow's due requests, without reading the requests that are not.
+CREATE INDEX IF NOT EXISTS schedule_by_flow ON gateway_outbox (flow_id, dead, next_attempt_at);
 
 -- Flows whose requests are held (the flow is disabled, or its row names no usable endpoint):
 -- since when, and when the last hold ended, from which its requests age again.
