@@ -2,7 +2,8 @@
 //! `gateway_outbox_leases` (which instance delivers which flow) and `gateway_outbox_holds`
 //! (since when a flow's requests are held, and since when they age again). The scheduler, the
 //! commit, the metrics and the CLI all go through here. What the operator and the commit do
-//! (queue, count, list, revive) is in [`admin`]; this file is what deliverers do.
+//! (queue, count, list, revive) is in [`admin`], the lease rows in `leases`, the holds in
+//! `holds`; this file is what deliverers do with requests.
 //!
 //! Delivery reads the `flows` table too, joined on `flow_id`: where and whether a request is
 //! sent is its flow's row at send time (see [`crate::outbox`]), never a copy.
@@ -13,6 +14,8 @@
 //! writes are run again after a conflict with another instance's write (see [`retrying`]).
 
 mod admin;
+mod holds;
+mod leases;
 
 pub use admin::*;
 
@@ -23,7 +26,6 @@ use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// Bodies longer than this are read in pieces of this size.
 pub const PIECE: u64 = 1 << 20;
@@ -376,95 +378,6 @@ impl Queue {
             .execute(&self.pool)
             .await?;
         Ok(Some((code.unwrap_or_default(), done.rows_affected())))
-    }
-
-    /// Notes that these flows' requests are held from now on, unless a hold is on record.
-    pub async fn note_held(&self, flows: &[i32]) -> Result<(), sqlx::Error> {
-        if flows.is_empty() {
-            return Ok(());
-        }
-        let mut upsert =
-            QueryBuilder::<MySql>::new("INSERT INTO gateway_outbox_holds (flow_id, held_since, aging_from) ");
-        upsert.push_values(flows, |mut row, flow| {
-            row.push_bind(*flow).push("UTC_TIMESTAMP(3), NULL");
-        });
-        upsert.push(" ON DUPLICATE KEY UPDATE held_since = COALESCE(held_since, VALUES(held_since))");
-        upsert.build().execute(&self.pool).await.map(drop)
-    }
-
-    /// Notes that a flow's hold ended: its requests age from now on, as if queued now.
-    pub async fn note_released(&self, flow: i32) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE gateway_outbox_holds SET held_since = NULL, aging_from = UTC_TIMESTAMP(3) \
-             WHERE flow_id = ? AND held_since IS NOT NULL",
-        )
-        .bind(flow)
-        .execute(&self.pool)
-        .await
-        .map(drop)
-    }
-
-    /// Takes the flow's lease if it is free, expired, or already ours; returns until when it
-    /// surely holds, timed from before the request so that it never outlives the row's
-    /// `expires_at`.
-    pub async fn acquire(&self, flow: i32) -> Result<Option<Instant>, sqlx::Error> {
-        let sent = Instant::now();
-        // MariaDB evaluates the assignments left to right, so `owner` in the second one is the
-        // value the first one just set.
-        sqlx::query(
-            "INSERT INTO gateway_outbox_leases (flow_id, owner, expires_at) \
-             VALUES (?, ?, UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND) \
-             ON DUPLICATE KEY UPDATE \
-             owner = IF(expires_at < UTC_TIMESTAMP(3) OR owner = VALUES(owner), VALUES(owner), owner), \
-             expires_at = IF(owner = VALUES(owner), VALUES(expires_at), expires_at)",
-        )
-        .bind(flow)
-        .bind(&self.owner)
-        .bind(self.lease.as_micros() as i64)
-        .execute(&self.leases)
-        .await?;
-        Ok(self.owns_on(&self.leases, flow).await?.then(|| sent + self.lease))
-    }
-
-    /// Extends the lease if this instance still owns it (an expired lease nobody took is still
-    /// ours: nobody else sent anything meanwhile).
-    pub async fn renew(&self, flow: i32) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE gateway_outbox_leases SET expires_at = UTC_TIMESTAMP(3) + INTERVAL ? MICROSECOND \
-             WHERE flow_id = ? AND owner = ?",
-        )
-        .bind(self.lease.as_micros() as i64)
-        .bind(flow)
-        .bind(&self.owner)
-        .execute(&self.leases)
-        .await?;
-        // sqlx asks for found rows, so an unchanged `expires_at` still counts.
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Gives the lease back; one that cannot be given back runs out by itself.
-    pub async fn release(&self, flow: i32) {
-        let _ = retrying(|| {
-            sqlx::query("DELETE FROM gateway_outbox_leases WHERE flow_id = ? AND owner = ?")
-                .bind(flow)
-                .bind(&self.owner)
-                .execute(&self.leases)
-        })
-        .await;
-    }
-
-    /// Whether this instance owns the flow's lease, for a fenced write that changed no row.
-    async fn owns(&self, flow: i32) -> Result<bool, sqlx::Error> {
-        self.owns_on(&self.pool, flow).await
-    }
-
-    async fn owns_on(&self, pool: &MySqlPool, flow: i32) -> Result<bool, sqlx::Error> {
-        let owner: Option<String> =
-            sqlx::query_scalar("SELECT owner FROM gateway_outbox_leases WHERE flow_id = ?")
-                .bind(flow)
-                .fetch_optional(pool)
-                .await?;
-        Ok(owner.as_deref() == Some(self.owner.as_str()))
     }
 }
 
