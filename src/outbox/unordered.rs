@@ -27,6 +27,8 @@ enum Event {
     Answered(Box<Answer>),
     /// The budget granted the bytes of the next request waiting.
     Granted(Grant),
+    /// New requests of the flow were written.
+    Written,
     /// Time to record, or shutdown: the loop's checks say which.
     Tick,
 }
@@ -62,7 +64,9 @@ impl Outbox {
         // and then, for a request another instance committed behind what was read.
         let mut after: Option<(NaiveDateTime, i64)> = None;
         let mut rewind_at = Instant::now() + CURSOR_REWIND;
-        // No more due requests at the last read: read again only after lingering.
+        // No more due requests at the last read: read again once requests are written (or after
+        // lingering, for those another instance wrote), not only once those in flight are
+        // answered: one slow request must not hold back the ones written after it.
         let mut drained = false;
         let mut lingered_out = false;
         let mut first = true;
@@ -172,6 +176,7 @@ impl Outbox {
                 }
                 _ = &mut record_timer, if record_at.is_some() => Event::Tick,
                 _ = &mut stopping, if end.is_none() => Event::Tick,
+                _ = wake.notified(), if drained && end.is_none() => Event::Written,
             };
             match event {
                 Event::Lost => {
@@ -199,6 +204,7 @@ impl Outbox {
                         end = Some(next);
                     }
                 }
+                Event::Written => drained = false,
                 Event::Tick => {}
             }
         }

@@ -174,6 +174,27 @@ async fn unordered_a_request_refused_for_ten_minutes_delays_no_other() {
 }
 
 #[tokio::test]
+async fn unordered_a_request_in_flight_for_seconds_delays_no_other() {
+    let mut env = TestEnv::new().await;
+    env.set("HTTP_ORDERED", "false");
+    env.set("HTTP_TIMEOUT_SECONDS", "30");
+    let topic = env.topic("unordered");
+    // The first request is answered after 8 s, every later one at once.
+    let path = format!("/stall/1/8000/{}/unordered", env.name);
+    env.add_flow("U", &topic, "POST_ENDPOINT", "{}", Some(&shared().echo.url(&path))).await;
+    let _gateway = env.start().await;
+    publish(&topic, &[br#"{"i": 0}"#]).await;
+    eventually("the slow request under way", || shared().echo.count(&path) >= 1).await;
+    let started = std::time::Instant::now();
+    let payloads: Vec<String> = (1..=10).map(|i| format!(r#"{{"i": {i}}}"#)).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_bytes()).collect();
+    publish(&topic, &refs).await;
+    eventually("the 10 others", || shared().echo.count(&path) >= 11).await;
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "the others waited {took:?} for the slow one");
+}
+
+#[tokio::test]
 async fn a_long_non_ascii_url_is_posted_to_though_it_percent_encodes_past_500_characters() {
     let env = TestEnv::new().await;
     let topic = env.topic("t");

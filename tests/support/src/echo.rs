@@ -6,6 +6,7 @@
 //! - `/unavailable/2/600/...` answers 503 with `Retry-After: 600` to the first two, then 200;
 //! - `/unavailable-for/3000/0/...` answers 503 with `Retry-After: 0` until 3 s after the first
 //!   request on that exact path, then 200;
+//! - `/stall/1/8000/...` answers the first request 200 after 8 s, the later ones at once;
 //! - anything else 200.
 
 use axum::body::Bytes;
@@ -162,6 +163,11 @@ async fn answer(
             (StatusCode::TOO_MANY_REQUESTS, [("retry-after", wait)], "busy").into_response()
         }
         (Some("unavailable"), Some(failures)) if seen_before < failures => unavailable(segments.next()),
+        (Some("stall"), Some(stalled)) if seen_before < stalled => {
+            let ms = segments.next().and_then(|s| s.parse().ok()).unwrap_or(1_000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            (StatusCode::OK, "stalled").into_response()
+        }
         (Some("unavailable-for"), Some(ms)) if first_at.elapsed() < Duration::from_millis(ms) => {
             unavailable(segments.next())
         }
