@@ -1,9 +1,9 @@
 //! `HTTP_ORDERED=false`: every request of a flow on its own schedule. The due ones (and only
 //! those: the table says which) are sent as soon as the byte budget and `HTTP_CONCURRENCY`
 //! allow, each in a task of its own, and each answer is recorded within [`RECORD_WINDOW`] of
-//! arriving. So a request refused for a long while (`Retry-After: 600`) delays no other, and a
-//! crash makes the next holder resend only the requests in flight and those answered in the
-//! last 20 ms.
+//! arriving. So a request refused for a long while (`Retry-After: 600`), or slow to be
+//! answered, delays no other, and a crash makes the next holder resend only the requests in
+//! flight and those answered in the last 20 ms.
 
 use super::budget::Grant;
 use super::lease::Lease;
