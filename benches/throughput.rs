@@ -3,15 +3,17 @@
 //! an HTTP echo server, all on this machine.
 //!
 //! Scenarios: STORE_DB with 2 and 8 attributes and POST_ENDPOINT at full publishing speed;
-//! end-to-end latency at a fixed 1,000 msg/s for both actions, and for STORE_DB beside a 20 MB
-//! message every second. Prints a table and writes
+//! end-to-end latency at a fixed 1,000 msg/s for both actions, for STORE_DB beside a 20 MB
+//! message every second, and for STORE_DB beside 500 POST_ENDPOINT flows whose endpoint keeps
+//! refusing (the outbox retrying beside the commit). Prints a table and writes
 //! `target/bench/throughput.json`. Sizes can be scaled with `BENCH_MESSAGES` (default 100000).
 //! POST_ENDPOINT is also judged against the endpoint's own ceiling and against the CPU a bare
 //! HTTP client spends per request, both measured in the same run.
 //!
-//! `BENCH_ONLY=post` or `BENCH_ONLY=store` runs one full-speed scenario alone, long enough to
-//! profile the gateway under it (`perf record -p <gateway pid>`); `BENCH_ONLY=latency` the
-//! fixed-rate ones.
+//! `BENCH_ONLY=post`, `unordered` (POST_ENDPOINT with `HTTP_ORDERED=false`) or `store` runs one
+//! full-speed scenario alone, long enough to profile the gateway under it (`perf record -p
+//! <gateway pid>`); `BENCH_ONLY=latency` the fixed-rate ones; `BENCH_ONLY=backoff` the one
+//! beside 500 flows backing off.
 //!
 //! A little over 400 lines: a bench target is one file, and the scenarios, the two reference
 //! measurements and the report belong together.
@@ -32,6 +34,20 @@ struct Bench {
     pool: MySqlPool,
     /// What every gateway of the benchmark is started with.
     env: Vec<(String, String)>,
+}
+
+const BACKOFF: &str = "STORE_DB 1,000/s beside 500 backing off";
+
+/// What runs beside a fixed-rate stream.
+#[derive(Clone, Copy)]
+enum Beside {
+    Nothing,
+    /// A message of this many bytes every second, on another flow.
+    Large(usize),
+    /// This many POST_ENDPOINT flows, each with a request its endpoint keeps refusing (503),
+    /// retried every one to two seconds: the outbox reading, scheduling and recording beside the
+    /// commit, on the same database.
+    BackingOff(usize),
 }
 
 /// One scenario's measurements.
@@ -66,14 +82,27 @@ fn main() -> anyhow::Result<()> {
             println!("bare client: {floor:.1} ms CPU per 1,000 requests");
             return Ok(());
         }
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("unordered") {
+            let unordered = [("HTTP_ORDERED", "false")];
+            let name = "POST_ENDPOINT, HTTP_ORDERED=false";
+            let run = bench.full_speed(name, "POST_ENDPOINT", 2, messages, &unordered).await?;
+            return report(&[run], window);
+        }
         if std::env::var("BENCH_ONLY").as_deref() == Ok("latency") {
-            let store = bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000, None).await?;
-            let post =
-                bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000, None).await?;
-            let beside = bench
-                .fixed_rate("STORE_DB 1,000/s beside 20 MB/s", "STORE_DB", 10_000, Some(20_000_000))
+            let store =
+                bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000, Beside::Nothing).await?;
+            let post = bench
+                .fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000, Beside::Nothing)
                 .await?;
-            return report(&[store, post, beside], window);
+            let beside = bench
+                .fixed_rate("STORE_DB 1,000/s beside 20 MB/s", "STORE_DB", 10_000, Beside::Large(20_000_000))
+                .await?;
+            let backoff = bench.fixed_rate(BACKOFF, "STORE_DB", 10_000, Beside::BackingOff(500)).await?;
+            return report(&[store, post, beside, backoff], window);
+        }
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("backoff") {
+            let backoff = bench.fixed_rate(BACKOFF, "STORE_DB", 10_000, Beside::BackingOff(500)).await?;
+            return report(&[backoff], window);
         }
         if std::env::var("BENCH_ONLY").as_deref() == Ok("store") {
             let run = bench.full_speed("STORE_DB, 2 attributes", "STORE_DB", 2, messages, &[]).await?;
@@ -89,11 +118,18 @@ fn main() -> anyhow::Result<()> {
                 .full_speed("POST_ENDPOINT, HTTP_ORDERED=false", "POST_ENDPOINT", 2, messages / 2, &unordered)
                 .await?,
         );
-        runs.push(bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000, None).await?);
-        runs.push(bench.fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000, None).await?);
+        runs.push(bench.fixed_rate("STORE_DB at 1,000 msg/s", "STORE_DB", 10_000, Beside::Nothing).await?);
         runs.push(
-            bench.fixed_rate("STORE_DB 1,000/s beside 20 MB/s", "STORE_DB", 10_000, Some(20_000_000)).await?,
+            bench
+                .fixed_rate("POST_ENDPOINT at 1,000 msg/s", "POST_ENDPOINT", 10_000, Beside::Nothing)
+                .await?,
         );
+        runs.push(
+            bench
+                .fixed_rate("STORE_DB 1,000/s beside 20 MB/s", "STORE_DB", 10_000, Beside::Large(20_000_000))
+                .await?,
+        );
+        runs.push(bench.fixed_rate(BACKOFF, "STORE_DB", 10_000, Beside::BackingOff(500)).await?);
         // The endpoint's own ceiling, measured in the same run, so POST_ENDPOINT is judged
         // against what the endpoint could take on this machine now, not against a number.
         let ceilings = [
@@ -301,15 +337,24 @@ impl Bench {
         name: &str,
         action: &str,
         messages: u64,
-        beside: Option<usize>,
+        beside: Beside,
     ) -> anyhow::Result<Run> {
         let code = name.replace([' ', ',', '/', '.'], "_");
         let (flow, topic, path) = self.flow(&code, action).await?;
         let large = match beside {
-            Some(bytes) => Some((self.flow(&format!("{code}_large"), "STORE_DB").await?.1, bytes)),
-            None => None,
+            Beside::Large(bytes) => Some((self.flow(&format!("{code}_large"), "STORE_DB").await?.1, bytes)),
+            _ => None,
         };
-        let gateway = self.gateway(&format!("bench-{code}"), &[])?;
+        let backing_off = match beside {
+            Beside::BackingOff(flows) => Some((self.refusing_flows(&code, flows).await?, flows)),
+            _ => None,
+        };
+        let retrying = [("HTTP_RETRY_MAX_DELAY_SECONDS", "2")];
+        let extra: &[(&str, &str)] = if backing_off.is_some() { &retrying } else { &[] };
+        let gateway = self.gateway(&format!("bench-{code}"), extra)?;
+        if let Some(((topic, refused), flows)) = &backing_off {
+            self.start_backing_off(&gateway, topic, refused, *flows).await?;
+        }
         let large = large.map(|(topic, bytes)| tokio::spawn(publish_large(self.broker.port, topic, bytes)));
         let cpu_before = cpu_seconds(gateway.pid());
         let started = Instant::now();
@@ -348,7 +393,55 @@ impl Bench {
             .collect();
         latencies.sort_by(f64::total_cmp);
         let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+        if let Some(((_, refused), _)) = &backing_off {
+            let attempts = self.echo.count(refused);
+            eprintln!("{name}: {attempts} refused attempts in all, the stream's p99 {:.1} ms", pick(0.99));
+        }
         Ok(Run::of(&gateway, name, messages, seconds, cpu_before, Some((pick(0.5), pick(0.99)))))
+    }
+
+    /// `flows` POST_ENDPOINT flows on one topic, each to a path of its own under one prefix,
+    /// where the endpoint answers 503: `(topic, prefix)`.
+    async fn refusing_flows(&self, code: &str, flows: usize) -> anyhow::Result<(String, String)> {
+        let topic = format!("bench/{code}/refused");
+        let prefix = format!("/status/503/{code}/");
+        for i in 0..flows {
+            let row = FlowRow {
+                id: 0,
+                code: format!("{code}_{i}"),
+                topic: topic.clone(),
+                action: "POST_ENDPOINT".to_owned(),
+                payload_schema: Some("{}".to_owned()),
+                endpoint_url: Some(self.echo.url(&format!("{prefix}{i}"))),
+            };
+            flows::table::add(&self.pool, &row, "benchmark", true).await?;
+        }
+        Ok((topic, prefix))
+    }
+
+    /// One message for all the refusing flows, and waits until each has been refused once.
+    async fn start_backing_off(
+        &self,
+        gateway: &Gateway,
+        topic: &str,
+        refused: &str,
+        flows: usize,
+    ) -> anyhow::Result<()> {
+        let mut publisher = Publisher::connect(self.broker.port).await?;
+        publisher.publish(topic, r#"{"refused": true}"#.to_owned()).await?;
+        publisher.flush(Duration::from_secs(30)).await?;
+        let started = Instant::now();
+        while self.echo.count(refused) < flows {
+            if started.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!(
+                    "{} of {flows} flows tried; gateway log:\n{}",
+                    self.echo.count(refused),
+                    gateway.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 }
 

@@ -106,6 +106,7 @@ let
       HTTP_MAX_AGE_SECONDS = toString cfg.http.maxAge;
       HTTP_RETRY_MAX_DELAY_SECONDS = toString cfg.http.retryMaxDelay;
       HTTP_CONCURRENCY = toString cfg.http.concurrency;
+      HTTP_MAX_IN_FLIGHT_BYTES = toString cfg.http.maxInFlightBytes;
       HTTP_ORDERED = lib.boolToString cfg.http.ordered;
       HTTP_CA_FILE = if cfg.http.caFile == null then null else "${cfg.http.caFile}";
       OUTBOX_LEASE_SECONDS = toString cfg.outbox.lease;
@@ -323,6 +324,11 @@ in
         type = types.ints.between 1 10000;
         default = 8;
         description = "POSTs in flight per endpoint (`HTTP_CONCURRENCY`).";
+      };
+      maxInFlightBytes = mkOption {
+        type = types.ints.between 1 1099511627776;
+        default = 33554432;
+        description = "Bytes of request bodies read from the outbox and not yet answered, over all flows (`HTTP_MAX_IN_FLIGHT_BYTES`); a larger body is still sent, alone.";
       };
       ordered = mkOption {
         type = types.bool;

@@ -134,13 +134,20 @@ async fn run_with_pool(
         held,
         Arc::clone(&health),
     );
-    let mut reloader =
-        Reloader::new(pool.clone(), flows_tx, rows, flows_version, subscriber, Arc::clone(&health));
+    let wake_outbox = Arc::new(OutboxSignal::default());
+    let mut reloader = Reloader::new(
+        pool.clone(),
+        flows_tx,
+        rows,
+        flows_version,
+        subscriber,
+        Arc::clone(&wake_outbox),
+        Arc::clone(&health),
+    );
     reloader.report_broken(&flows_rx.borrow().broken);
 
-    let wake_outbox = Arc::new(OutboxSignal::default());
     let outbox = Outbox::new(
-        pool.clone(),
+        &pool,
         settings.delivery.clone(),
         settings.mqtt.client_id.clone(),
         Arc::clone(&wake_outbox),

@@ -101,6 +101,8 @@ struct Raw {
     http_retry_max_delay_seconds: f64,
     #[serde(default = "defaults::http_concurrency")]
     http_concurrency: usize,
+    #[serde(default = "defaults::http_max_in_flight_bytes")]
+    http_max_in_flight_bytes: usize,
     #[serde(default = "defaults::yes")]
     http_ordered: bool,
     http_ca_file: Option<PathBuf>,
@@ -159,6 +161,10 @@ mod defaults {
     pub fn http_concurrency() -> usize {
         8
     }
+    /// 32 MiB: many small requests at once, or a couple of the largest bodies a statement holds.
+    pub fn http_max_in_flight_bytes() -> usize {
+        32 << 20
+    }
     pub fn yes() -> bool {
         true
     }
@@ -211,6 +217,8 @@ pub struct DeliverySettings {
     pub max_retry_delay: Duration,
     /// Requests in flight per endpoint (scheme, host and port).
     pub concurrency: usize,
+    /// Request bodies read from the outbox and not yet answered, in bytes, over all flows.
+    pub max_in_flight_bytes: usize,
     /// Keep each flow's requests in arrival order (one at a time per flow).
     pub ordered: bool,
     /// PEM certificates of `HTTP_CA_FILE`, trusted for HTTPS endpoints besides the system's
@@ -470,6 +478,7 @@ impl Settings {
                 max_age: ranges.http_max_age,
                 max_retry_delay: ranges.http_retry_max_delay,
                 concurrency: raw.http_concurrency,
+                max_in_flight_bytes: raw.http_max_in_flight_bytes,
                 ordered: raw.http_ordered,
                 extra_roots_pem,
                 lease: Duration::from_secs_f64(raw.outbox_lease_seconds),
@@ -504,6 +513,7 @@ impl Ranges {
         count("BATCH_MAX_MESSAGES", raw.batch_max_messages as u64, 1, 100_000, "messages")?;
         count("BATCH_MAX_DELAY_MS", raw.batch_max_delay_ms, 0, 60_000, "milliseconds")?;
         count("HTTP_CONCURRENCY", raw.http_concurrency as u64, 1, 10_000, "requests")?;
+        count("HTTP_MAX_IN_FLIGHT_BYTES", raw.http_max_in_flight_bytes as u64, 1, 1 << 40, "bytes")?;
         // Attempts are kept in an INT column; 0 means 1, as before.
         count("HTTP_MAX_ATTEMPTS", raw.http_max_attempts.into(), 0, 1_000_000_000, "attempts")?;
         let http_max_age =
@@ -810,8 +820,9 @@ mod tests {
     }
 
     /// Every numeric variable; a new one belongs here, so the property below covers it.
-    const NUMERIC: [&str; 14] = [
+    const NUMERIC: [&str; 15] = [
         "MAX_IN_FLIGHT_BYTES",
+        "HTTP_MAX_IN_FLIGHT_BYTES",
         "DB_PORT",
         "HTTP_TIMEOUT_SECONDS",
         "MQTT_KEEPALIVE",
@@ -880,6 +891,7 @@ mod tests {
         assert!((1..=1_000_000).contains(&s.max_in_flight));
         assert!((1..=100_000).contains(&s.batch.max_messages));
         assert!((1..=10_000).contains(&s.delivery.concurrency));
+        assert!((1..=1 << 40).contains(&s.delivery.max_in_flight_bytes));
         assert!((1..=i32::MAX as u32).contains(&s.delivery.max_attempts));
         assert!(s.db.port > 0 && s.default_broker.1 > 0 && s.mqtt.qos <= 1);
     }

@@ -40,8 +40,9 @@ pub struct BrokerRow {
     pub password: Option<String>,
 }
 
-/// Opens the pool. `pool_pre_ping` of the original is sqlx's `test_before_acquire`, on by
-/// default: a connection the server dropped is replaced rather than failing a message.
+/// Opens the pool. `pool_pre_ping` of the original is a ping before a connection idle for
+/// [`PING_IDLE_AFTER`] is used: a connection the server dropped is replaced rather than failing
+/// a message.
 /// TLS is sqlx's own (rustls with ring, the system's roots plus `DB_SSL_CA`). Every connection
 /// waits at most [`LOCK_WAIT`] for a lock, and has TCP keepalive ([`crate::keepalive`]); taking
 /// one from the pool takes at most [`ACQUIRE_WITHIN`].
@@ -79,6 +80,18 @@ pub async fn connect(settings: &DbSettings) -> anyhow::Result<MySqlPool> {
     MySqlPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(ACQUIRE_WITHIN)
+        // The original's `pool_pre_ping`, for a connection that sat idle long enough to have
+        // been dropped by the server or the network; one used within the last seconds is not
+        // pinged first, which would cost every batch a round trip and an idle gateway a wakeup.
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    sqlx::Connection::ping(connection).await?;
+                }
+                Ok(true)
+            })
+        })
         .after_connect(move |conn, _| {
             let tcp_peer = tcp_peer.clone();
             Box::pin(async move {
@@ -93,6 +106,38 @@ pub async fn connect(settings: &DbSettings) -> anyhow::Result<MySqlPool> {
         .await
         .map_err(|error| anyhow::Error::msg(explained(&error)))
 }
+
+/// What a pool beside the main one is for; each has its own connections, so that the commit
+/// (on the pool of [`connect`]) never waits for a connection behind the outbox's work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Reading, recording and scheduling queued requests. Their bodies can be megabytes, so a
+    /// connection gives its buffers back when it returns to the pool instead of keeping the
+    /// largest body's size for good.
+    OutboxRequests,
+    /// Taking, renewing and giving back delivery leases: a renewal that waited behind
+    /// deliveries could lose a lease that is still being used.
+    OutboxLeases,
+}
+
+/// A pool of its own for `purpose`, with exactly the connect options and per-connection setup
+/// of `pool` (built once, by [`connect`]). It connects when first used.
+pub fn pool_beside(pool: &MySqlPool, purpose: Purpose) -> MySqlPool {
+    let options = pool.options().clone().min_connections(0);
+    let options = match purpose {
+        Purpose::OutboxRequests => options.max_connections(4).after_release(|connection, _| {
+            Box::pin(async move {
+                sqlx::Connection::shrink_buffers(connection);
+                Ok(true)
+            })
+        }),
+        Purpose::OutboxLeases => options.max_connections(2),
+    };
+    options.connect_lazy_with((*pool.connect_options()).clone())
+}
+
+/// A connection idle this long is pinged before it is used again.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(10);
 
 /// The error in one line, each cause once. rustls names a refused certificate in its own words
 /// (`UnknownIssuer`); the operator also needs to know which setting to look at.

@@ -42,6 +42,8 @@ pub struct Reloader {
     /// The flows version as last read.
     version: i64,
     subscriber: SubscriptionHandle,
+    /// Told when the flows changed, so that delivery follows an edited or disabled flow at once.
+    outbox: Arc<crate::outbox::OutboxSignal>,
     /// Broken rows already reported, so each is logged once, and again only when it changes.
     reported: HashSet<(i32, String)>,
     health: Arc<Health>,
@@ -55,9 +57,10 @@ impl Reloader {
         rows: Vec<FlowRow>,
         version: i64,
         subscriber: SubscriptionHandle,
+        outbox: Arc<crate::outbox::OutboxSignal>,
         health: Arc<Health>,
     ) -> Reloader {
-        Reloader { pool, flows, rows, version, subscriber, reported: HashSet::new(), health }
+        Reloader { pool, flows, rows, version, subscriber, outbox, reported: HashSet::new(), health }
     }
 
     /// Logs the broken rows of a set not yet reported.
@@ -148,6 +151,7 @@ impl Reloader {
         }
         self.flows.send_replace(Arc::new(next));
         self.rows = rows;
+        self.outbox.flows_changed();
         // Filters the broker refused are asked for again, in case its ACL was fixed.
         if after != before || !self.health.refused().is_empty() {
             // The session logs what the broker confirms ("Subscribed to", "Unsubscribed from").

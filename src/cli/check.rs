@@ -19,7 +19,7 @@ pub(super) async fn run(settings: &Settings, pool: &MySqlPool, json: bool) -> an
         problems.push(format!("flow {}: {}", broken.code, broken.reason));
     }
     for flow in &set.flows {
-        if let Action::PostEndpoint { url } = &flow.action {
+        if let Action::PostEndpoint { url, .. } = &flow.action {
             if let Err(error) = reachable(url, settings.http_timeout).await {
                 problems.push(format!(
                     "flow {}: endpoint {} unreachable: {error}",

@@ -36,8 +36,9 @@ pub struct FlowRow {
 pub enum Action {
     /// One `data` row per top-level key, with the counter, in one transaction.
     StoreDb,
-    /// Commit the counter, then POST the payload as JSON to this URL.
-    PostEndpoint { url: url::Url },
+    /// Commit the counter, then POST the payload as JSON to this URL. `raw` is the row's text as
+    /// stored: the outbox keeps it with each request and compares it with the row at send time.
+    PostEndpoint { url: url::Url, raw: String },
 }
 
 impl Action {
@@ -135,18 +136,8 @@ impl TryFrom<FlowRow> for Flow {
         let action = match row.action.trim().to_ascii_uppercase().as_str() {
             "STORE_DB" => Action::StoreDb,
             "POST_ENDPOINT" => {
-                let raw = row.endpoint_url.as_deref().map(str::trim).unwrap_or_default();
-                if raw.is_empty() {
-                    return Err(broken("action POST_ENDPOINT needs an endpoint_url".to_owned()));
-                }
-                let url = url::Url::parse(raw).map_err(|e| broken(format!("invalid endpoint_url: {e}")))?;
-                if !matches!(url.scheme(), "http" | "https") {
-                    return Err(broken(format!(
-                        "endpoint_url must be http or https, not {:?}",
-                        url.scheme()
-                    )));
-                }
-                Action::PostEndpoint { url }
+                let url = endpoint(row.endpoint_url.as_deref()).map_err(broken)?;
+                Action::PostEndpoint { url, raw: row.endpoint_url.clone().unwrap_or_default() }
             }
             other => {
                 return Err(broken(format!("unknown action {other:?} (expected STORE_DB or POST_ENDPOINT)")))
@@ -165,6 +156,29 @@ impl TryFrom<FlowRow> for Flow {
             metrics: FlowMetrics::default(),
         })
     }
+}
+
+/// The URL a POST_ENDPOINT row's `endpoint_url` names, or why it names none: the check of the
+/// load, and of the outbox at send time (the row may have changed since).
+pub fn endpoint(raw: Option<&str>) -> Result<url::Url, String> {
+    let raw = raw.unwrap_or_default();
+    // The outbox keeps the row's text with each request; a longer one could not be queued.
+    let chars = raw.chars().count();
+    if chars > crate::outbox::queue::URL_CHARS {
+        return Err(format!(
+            "endpoint_url is {chars} characters long, more than the {} that gateway_outbox.endpoint_url holds",
+            crate::outbox::queue::URL_CHARS
+        ));
+    }
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err("action POST_ENDPOINT needs an endpoint_url".to_owned());
+    }
+    let url = url::Url::parse(raw).map_err(|e| format!("invalid endpoint_url: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("endpoint_url must be http or https, not {:?}", url.scheme()));
+    }
+    Ok(url)
 }
 
 /// Every enabled flow at one moment, as the message path sees it.
@@ -294,6 +308,7 @@ mod tests {
     #[case(row("POST_ENDPOINT", "a", Some("ftp://x/y"), "{}"), "http or https")]
     #[case(row("POST_ENDPOINT", "a", Some("not a url"), "{}"), "invalid endpoint_url")]
     #[case(row("STORE_DB", "a", None, "[1]"), "invalid payload_schema")]
+    #[case(row("POST_ENDPOINT", "a", Some(&format!("http://h/{}", "p".repeat(500))), "{}"), "more than the 500")]
     fn broken_rows_say_what_is_wrong(#[case] row: FlowRow, #[case] reason: &str) {
         let broken = Flow::try_from(row).unwrap_err();
         assert!(broken.reason.contains(reason), "{}", broken.reason);
@@ -344,5 +359,14 @@ mod tests {
         assert_eq!(crowd["d/7/#"], crowd["x/y/#"], "one shape, one identifier");
         assert_ne!(crowd["d/7/#"], crowd["d/+/alarm"], "overlapping filters differ");
         assert!(crowd.values().all(|&id| (1..=MAX_SUBSCRIPTION_ID).contains(&id)));
+    }
+
+    #[test]
+    fn a_post_flow_keeps_its_rows_url_text_which_may_percent_encode_longer() {
+        let raw = format!(" http://h/{} ", "é".repeat(240));
+        let flow = Flow::try_from(row("POST_ENDPOINT", "a", Some(&raw), "{}")).unwrap();
+        let Action::PostEndpoint { url, raw: kept } = flow.action else { panic!("not a POST flow") };
+        assert_eq!(kept, raw, "the text as stored, so the outbox column that holds it fits it");
+        assert!(url.as_str().len() > 500, "encoded, it would not fit: {}", url.as_str().len());
     }
 }

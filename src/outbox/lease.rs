@@ -59,25 +59,29 @@ impl Lease {
     /// Runs `work` (a request) if the lease holds for another third of its length, and
     /// abandons it the moment the lease is lost: `None` then.
     pub async fn while_held<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
-        let mut held = self.held.subscribe();
-        let third = self.length / 3;
-        // A renewal in progress may be about to extend it; the keeper says Lost at worst when
-        // the lease runs out, so this wait is bounded.
-        let ready = held
-            .wait_for(|h| match h {
-                Held::Until(until) => until.saturating_duration_since(Instant::now()) >= third,
-                Held::Lost => true,
-            })
-            .await
-            .map(|h| *h != Held::Lost)
-            .unwrap_or(false);
-        if !ready {
+        if !self.ready().await {
             return None;
         }
+        let mut held = self.held.subscribe();
         tokio::select! {
             output = work => Some(output),
             _ = held.wait_for(|h| *h == Held::Lost) => None,
         }
+    }
+
+    /// Whether a request may start: true once the lease holds for another third of its
+    /// length, false if it is lost. A renewal in progress may be about to extend it; the keeper
+    /// says Lost at worst when the lease runs out, so this wait is bounded.
+    pub async fn ready(&self) -> bool {
+        let mut held = self.held.subscribe();
+        let third = self.length / 3;
+        held.wait_for(|h| match h {
+            Held::Until(until) => until.saturating_duration_since(Instant::now()) >= third,
+            Held::Lost => true,
+        })
+        .await
+        .map(|h| *h != Held::Lost)
+        .unwrap_or(false)
     }
 
     /// Resolves once the lease is known to be lost.

@@ -2,50 +2,70 @@
 //! `gateway_outbox`, retries them until the endpoint takes them, and keeps the ones it never
 //! will take as dead.
 //!
-//! Each flow's requests are sent by one task at a time, oldest first, so that they arrive in
-//! the order their messages did (`HTTP_ORDERED=false` sends a flow's due requests concurrently
-//! instead). Which gateway instance sends a flow is decided by a lease row in
-//! `gateway_outbox_leases` (`OUTBOX_LEASE_SECONDS`, 30 s by default), held at every request:
+//! **The flow decides, at send time.** A request goes to its flow's `endpoint_url` as the
+//! `flows` row holds it when the request is sent, not when it was queued (an endpoint is
+//! addressed by its flow, as webhook services address theirs by identity). So:
+//! - an edited URL applies to every pending request, and voids the retries scheduled by what
+//!   the old URL answered: they are due at once, and their attempts count again from one;
+//! - while the flow is disabled (or its row names no URL it could post to) its requests are
+//!   held: no attempt, and they do not age (`HTTP_MAX_AGE_SECONDS` counts from the end of the
+//!   last hold);
+//! - once the flow's row is deleted its requests are kept as dead, `last_error = 'flow deleted'`.
+//!
+//! **The schedule is in the table** (`next_attempt_at`), so every instance keeps it: each
+//! instance reads, once a second and by index, when each flow is next due (per flow, not per
+//! request), and delivers a flow only then. A body is read only to be sent.
+//!
+//! Each flow's requests are sent by one task at a time (see `round`). With `HTTP_ORDERED=true`
+//! they go oldest first, one at a time, so they arrive in the order their messages did, and a
+//! request waiting for its retry holds the later ones back (`ordered`); with `false` every
+//! request has its own schedule and is sent as soon as it is due (`unordered`). Which instance
+//! sends a flow is decided by a lease row in `gateway_outbox_leases` (`OUTBOX_LEASE_SECONDS`),
+//! held at every request:
 //! - while a flow is being delivered its lease is renewed every third of its length, beside the
 //!   requests, however long each of them takes;
 //! - a request is started only while the lease is known to hold for another third of its
 //!   length, and is abandoned at once when a renewal finds it lost;
-//! - outcomes are recorded within 20 ms of delivery, and before the next request leaves once a
-//!   request takes that long; recording is fenced: a row is deleted (or rescheduled) only
-//!   while this instance still owns the lease, so a deliverer that lost it changes nothing
-//!   the new owner relies on.
+//! - outcomes are recorded within 20 ms of the answer (in order, before the next request
+//!   leaves once a request takes that long); recording is fenced: a row is deleted (or
+//!   rescheduled) only while this instance still owns the lease, so a deliverer that lost it
+//!   changes nothing the new owner relies on.
 //!
 //! So with several instances nothing is sent twice and each flow stays in order; after a crash
 //! of the holder, another instance takes over once the lease has run out, and resends the
-//! request that was in flight, plus, for an endpoint faster than 20 ms, those delivered in the
-//! 20 ms before the crash (with `HTTP_ORDERED=false`, the requests in flight together).
-//! Requests to one endpoint (scheme, host, port) are in flight `HTTP_CONCURRENCY` at a time at
-//! most, over pooled keep-alive connections.
+//! requests that were in flight, plus, for an endpoint faster than 20 ms, those answered in the
+//! 20 ms before the crash. Requests to one endpoint (scheme, host, port) are in flight
+//! `HTTP_CONCURRENCY` at a time at most, over pooled keep-alive connections, and the bodies read
+//! and not yet answered take `HTTP_MAX_IN_FLIGHT_BYTES` at most (`budget`).
 //!
 //! A failed attempt logs the original's `Error posting flow ...` line and is retried after a
-//! capped exponential backoff (or the endpoint's `Retry-After` on 429 and 503). A request that
-//! fails permanently (a 4xx other than 408 and 429) gets three attempts; any request is dead
-//! after `HTTP_MAX_ATTEMPTS` attempts or once older than `HTTP_MAX_AGE_SECONDS`.
+//! capped exponential backoff, or the endpoint's `Retry-After` on 429 and 503 when that is
+//! longer (it can lengthen the wait, never shorten it). A request that fails permanently (a
+//! 4xx other than 408 and 429) gets three attempts; any request is dead after
+//! `HTTP_MAX_ATTEMPTS` attempts or once older than `HTTP_MAX_AGE_SECONDS`.
 //!
-//! This file is the scheduler (which flow is delivered when, and in what order) and the
-//! delivery rounds, a little over 400 lines because each ordering and recording rule carries
-//! its reason; `queue` holds the SQL of both outbox tables, `lease` one delivery's hold on its
-//! flow, and `http` one POST and how its failure is judged.
+//! This file is the scheduler (which flow is delivered when); `round` is one flow's delivery
+//! with its lease in hand, `queue` the SQL, `lease` one delivery's hold on its flow, `http` one
+//! POST and how its failure is judged.
 
+mod budget;
 mod http;
 mod lease;
+mod ordered;
 pub mod queue;
+mod round;
+mod unordered;
 
 pub(crate) use http::error_chain;
 pub use http::redacted_str;
 
-use crate::backoff;
 use crate::config::DeliverySettings;
 use crate::db;
 use crate::health::{Health, Part};
-use http::{Failure, Sender};
-use lease::Lease;
-use queue::{Queue, Request};
+use budget::Budget;
+use http::Sender;
+use queue::{Queue, Target};
+use round::Next;
 use sqlx::MySqlPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -55,35 +75,33 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How often a delivery task reads its flow from the start again.
-const CURSOR_REWIND: Duration = Duration::from_secs(5);
-/// Requests read per round trip.
-const FETCH: i64 = 200;
-/// How long delivered requests may wait to be recorded as such, in order (see
-/// `send_in_order`): what a crash can make the next holder send again.
-const RECORD_WINDOW: Duration = Duration::from_millis(20);
-/// How long a flow's delivery waits, lease in hand, for more requests once it has sent all:
-/// at a steady trickle of messages, taking and giving back the lease for each one cost three
-/// statements of the six each request needed. Another instance's requests of the flow wait
-/// this long at most, since a lingering delivery reads the table when it ends.
-const LINGER: Duration = Duration::from_millis(250);
-/// How often the table is checked when nothing wakes the outbox.
-const IDLE_POLL: Duration = Duration::from_secs(1);
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-/// A permanent failure (say, 400) may be a deployment in progress; a few attempts, not more.
-const PERMANENT_ATTEMPTS: u32 = 3;
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// How often the schedule is read from the table when nothing wakes the outbox: how late a
+/// retry another instance scheduled, or a change to a flow's row, is noticed at most.
+const IDLE_POLL: Duration = Duration::from_secs(5);
 
 /// How the processor tells the outbox which flows it just wrote requests for.
 #[derive(Default)]
 pub struct OutboxSignal {
     written: Mutex<HashSet<i32>>,
+    /// The flows were reloaded: an edited URL or a disabled flow is looked at now, not at the
+    /// next periodic read of the schedule.
+    flows_changed: std::sync::atomic::AtomicBool,
     notify: Notify,
     /// The deliveries lingering for more requests of their flow, woken directly.
     lingering: Mutex<HashMap<i32, Arc<Notify>>>,
 }
 
 impl OutboxSignal {
+    /// Called after a reload applied changed flows.
+    pub fn flows_changed(&self) {
+        self.flows_changed.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    fn take_flows_changed(&self) -> bool {
+        self.flows_changed.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Called after a commit that wrote requests for these flows.
     pub fn requests_written(&self, flows: impl IntoIterator<Item = i32>) {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
@@ -118,25 +136,77 @@ impl OutboxSignal {
     }
 }
 
+/// Where a flow's requests go now, as its row says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Send(Endpoint),
+    /// They wait, making no attempt, for this reason.
+    Held(String),
+    /// They are kept as dead.
+    Deleted,
+}
+
+/// A flow's endpoint at one read of its row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The URL, as sent to and as logged (with its password masked).
+    pub url: Arc<str>,
+    /// The row's text, kept with each attempt to tell when the row names another URL.
+    pub raw: Arc<str>,
+}
+
+impl Destination {
+    /// By the same rules as a flow's row is checked at load (`flows::endpoint`).
+    pub fn of(target: &Target) -> Destination {
+        match target {
+            Target::Deleted => Destination::Deleted,
+            Target::Row { enabled: false, .. } => Destination::Held("its flow is disabled".to_owned()),
+            Target::Row { action, .. } if !action.trim().eq_ignore_ascii_case("POST_ENDPOINT") => {
+                Destination::Held(format!("its flow's action is {action:?}, not POST_ENDPOINT"))
+            }
+            Target::Row { endpoint_url, .. } => match crate::flows::endpoint(endpoint_url.as_deref()) {
+                Ok(url) => Destination::Send(Endpoint {
+                    url: url.as_str().into(),
+                    raw: endpoint_url.as_deref().unwrap_or_default().into(),
+                }),
+                Err(reason) => Destination::Held(format!("its flow cannot post: {reason}")),
+            },
+        }
+    }
+}
+
 pub struct Outbox {
     queue: Queue,
-    sender: Sender,
+    sender: Arc<Sender>,
+    budget: Budget,
     settings: DeliverySettings,
     signal: Arc<OutboxSignal>,
 }
 
+/// What the scheduler knows of a flow with requests.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    /// When it is next worth delivering.
+    due_at: Instant,
+    held: bool,
+}
+
 impl Outbox {
     /// `owner` names this instance in lease rows: its MQTT client id, stable across restarts,
-    /// so a restarted instance takes its flows back at once.
+    /// so a restarted instance takes its flows back at once. `pool` is the gateway's; the
+    /// outbox opens pools of its own beside it, so that the commit never waits behind it.
     pub fn new(
-        pool: MySqlPool,
+        pool: &MySqlPool,
         settings: DeliverySettings,
         owner: String,
         signal: Arc<OutboxSignal>,
     ) -> Result<Outbox, reqwest::Error> {
+        let requests = crate::db::pool_beside(pool, crate::db::Purpose::OutboxRequests);
+        let leases = crate::db::pool_beside(pool, crate::db::Purpose::OutboxLeases);
         Ok(Outbox {
-            queue: Queue::new(pool, owner, settings.lease),
-            sender: Sender::new(&settings)?,
+            queue: Queue::new(requests, leases, owner, settings.lease),
+            sender: Arc::new(Sender::new(&settings)?),
+            budget: Budget::new(settings.max_in_flight_bytes),
             settings,
             signal,
         })
@@ -146,37 +216,42 @@ impl Outbox {
     /// HTTP timeout). What is still queued stays in the table for the next start. The loop
     /// beats `health` on every turn, and its database calls are bounded waits.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, health: Arc<Health>) {
-        let mut active: JoinSet<(i32, Option<Duration>)> = JoinSet::new();
+        let mut active: JoinSet<(i32, Next)> = JoinSet::new();
         let mut running: HashSet<i32> = HashSet::new();
-        let mut not_before: HashMap<i32, Instant> = HashMap::new();
+        let mut known: HashMap<i32, Known> = HashMap::new();
         let mut next_scan = Instant::now();
         loop {
             health.beat(Part::Outbox);
             if !shutdown.is_cancelled() {
                 let now = Instant::now();
-                // The processor names the flows it wrote requests for; the whole table is read
-                // only once per IDLE_POLL, for requests left by an earlier run or an instance
-                // that died. Reading it on every commit made delivery slow down as it grew.
-                let mut candidates = if now >= next_scan {
+                // The processor names the flows it wrote requests for; the schedule of every
+                // flow is read once per IDLE_POLL, for retries (this instance's or another's),
+                // requests left by an earlier run or an instance that died, and edited flows.
+                if now >= next_scan || self.signal.take_flows_changed() {
                     next_scan = now + IDLE_POLL;
-                    self.flows_with_requests(&health).await
-                } else {
-                    self.signal.take(&running)
-                };
-                not_before.retain(|flow, at| {
-                    let due = *at <= now;
-                    if due {
-                        candidates.insert(*flow);
+                    match health.within(Part::Outbox, db::ANSWER_WITHIN, self.read_schedule()).await {
+                        Some(Some(read)) => known = read,
+                        Some(None) => {}
+                        None => tracing::warn!("Outbox cannot read pending requests: {}", no_answer()),
                     }
-                    !due
-                });
-                for flow in candidates {
-                    if running.contains(&flow) || not_before.contains_key(&flow) {
+                }
+                for flow in self.signal.take(&running) {
+                    // New requests are due at once; in order they still wait behind a head that
+                    // waits for its retry.
+                    let entry = known.entry(flow).or_insert(Known { due_at: now, held: false });
+                    if !self.settings.ordered {
+                        entry.due_at = entry.due_at.min(now);
+                    }
+                }
+                for (&flow, entry) in known.iter_mut() {
+                    if entry.held || entry.due_at > now || running.contains(&flow) {
                         continue;
                     }
-                    let acquire = self.queue.acquire(flow);
-                    let Some(acquired) = health.within(Part::Outbox, db::ANSWER_WITHIN, acquire).await else {
+                    let Some(acquired) =
+                        health.within(Part::Outbox, db::ANSWER_WITHIN, self.queue.acquire(flow)).await
+                    else {
                         tracing::warn!("Outbox cannot take the lease of flow {flow}: {}", no_answer());
+                        entry.due_at = next_scan;
                         continue;
                     };
                     match acquired {
@@ -188,12 +263,21 @@ impl Outbox {
                                 (flow, outbox.deliver_flow(flow, held_until, &shutdown).await)
                             });
                         }
-                        Ok(None) => {}
-                        Err(error) => tracing::warn!("Outbox cannot take the lease of flow {flow}: {error}"),
+                        // Another instance delivers it: its schedule says when to look again.
+                        Ok(None) => entry.due_at = next_scan,
+                        Err(error) => {
+                            tracing::warn!("Outbox cannot take the lease of flow {flow}: {error}");
+                            entry.due_at = next_scan;
+                        }
                     }
                 }
             }
-            let wake_at = not_before.values().copied().min().unwrap_or(next_scan).min(next_scan);
+            let wake_at = known
+                .iter()
+                .filter(|(flow, k)| !k.held && !running.contains(flow))
+                .map(|(_, k)| k.due_at)
+                .min()
+                .map_or(next_scan, |due_at| due_at.min(next_scan));
             tokio::select! {
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
                 // The watchdog asks: coming back to the loop is the answer.
@@ -201,10 +285,18 @@ impl Outbox {
                 _ = self.signal.notify.notified() => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
                 Some(done) = active.join_next(), if !active.is_empty() => {
-                    if let Ok((flow, wait)) = done {
+                    if let Ok((flow, next)) = done {
                         running.remove(&flow);
-                        if let Some(wait) = wait {
-                            not_before.insert(flow, Instant::now() + wait);
+                        match next {
+                            Next::Due(wait) => {
+                                known.insert(flow, Known { due_at: Instant::now() + wait, held: false });
+                            }
+                            Next::Idle => {
+                                known.remove(&flow);
+                            }
+                            Next::Held => {
+                                known.insert(flow, Known { due_at: next_scan, held: true });
+                            }
                         }
                     }
                 }
@@ -216,300 +308,45 @@ impl Outbox {
         }
     }
 
-    /// Every flow with requests not yet delivered or dead.
-    async fn flows_with_requests(&self, health: &Health) -> HashSet<i32> {
-        let read = health.within(Part::Outbox, db::ANSWER_WITHIN, self.queue.flows_with_requests()).await;
-        match read {
-            Some(Ok(flows)) => flows,
-            Some(Err(error)) => {
+    /// Every flow with requests, and when each is next due; `None` when the table cannot be
+    /// read now. Notes holds that began or ended, so that held requests do not age.
+    async fn read_schedule(&self) -> Option<HashMap<i32, Known>> {
+        let pending = match self.queue.pending().await {
+            Ok(pending) => pending,
+            Err(error) => {
                 tracing::warn!("Outbox cannot read pending requests: {error}");
-                HashSet::new()
-            }
-            None => {
-                tracing::warn!("Outbox cannot read pending requests: {}", no_answer());
-                HashSet::new()
-            }
-        }
-    }
-
-    /// Sends a flow's due requests until none is due; returns how long until the next one is.
-    /// The lease is kept alive beside the delivery, and given back at the end.
-    async fn deliver_flow(
-        &self,
-        flow: i32,
-        held_until: Instant,
-        shutdown: &CancellationToken,
-    ) -> Option<Duration> {
-        let lease = Lease::new(flow, self.settings.lease, held_until);
-        let wake = self.signal.wake_for(flow);
-        let delivery = self.deliver(&lease, &wake, shutdown);
-        let keeper = lease.keep(&self.queue);
-        tokio::pin!(delivery, keeper);
-        // The keeper ends only when the lease is lost; the delivery then stops at once, since
-        // it waits on the same news.
-        let wait = tokio::select! {
-            wait = &mut delivery => wait,
-            () = &mut keeper => delivery.await,
-        };
-        self.signal.forget(flow);
-        self.queue.release(flow).await;
-        wait
-    }
-
-    /// `None` when nothing is due or the lease was lost; otherwise the wait until the next due
-    /// request.
-    async fn deliver(&self, lease: &Lease, wake: &Notify, shutdown: &CancellationToken) -> Option<Duration> {
-        let flow = lease.flow;
-        // Reading from the smallest id not yet settled, rather than from the start of the flow,
-        // skips the rows just deleted: InnoDB keeps them as delete-marked until purged, and a
-        // scan from the start would step over all of them on every round. The cursor goes back
-        // to the start now and then, for a request another instance committed with a smaller id.
-        let mut cursor = 0i64;
-        let mut rewind_at = Instant::now() + CURSOR_REWIND;
-        // Unordered: the soonest retry among the requests passed over because they are not due.
-        let mut passed_over: Option<Duration> = None;
-        let mut lingered_out = false;
-        loop {
-            if shutdown.is_cancelled() {
                 return None;
             }
-            if Instant::now() >= rewind_at {
-                (cursor, rewind_at) = (0, Instant::now() + CURSOR_REWIND);
-            }
-            let requests = match self.queue.fetch(flow, cursor, FETCH).await {
-                Ok(requests) => requests,
-                Err(error) => {
-                    tracing::warn!("Outbox cannot read the requests of flow {flow}: {error}");
-                    return Some(FIRST_RETRY);
-                }
-            };
-            let Some(head) = requests.first() else {
-                if passed_over.is_some() || lingered_out {
-                    return passed_over;
-                }
-                match self.linger(lease, wake, shutdown).await {
-                    Linger::Woken => {}
-                    // One more read: requests another instance wrote meanwhile.
-                    Linger::TimedOut => lingered_out = true,
-                    Linger::Stop => return passed_over,
-                }
-                continue;
-            };
-            lingered_out = false;
-            let due: Vec<&Request> = if self.settings.ordered {
-                // In order: a request waiting for its retry holds the later ones back.
-                if let Some(wait) = head.wait {
-                    return Some(wait);
-                }
-                requests.iter().take_while(|r| r.wait.is_none()).collect()
-            } else {
-                // Unordered: a request waiting for its retry holds nothing back.
-                let soonest = requests.iter().filter_map(|r| r.wait).min();
-                passed_over = passed_over.into_iter().chain(soonest).min();
-                let due: Vec<&Request> = requests.iter().filter(|r| r.wait.is_none()).collect();
-                if due.is_empty() {
-                    if (requests.len() as i64) < FETCH {
-                        return passed_over;
-                    }
-                    cursor = requests.last().map_or(cursor, |r| r.id + 1);
-                    continue;
-                }
-                due
-            };
-            let settled = if self.settings.ordered {
-                self.send_in_order(lease, &due, shutdown).await
-            } else {
-                self.send_together(lease, &due).await
-            };
-            let settled = match settled {
-                Round::Settled(settled) => settled,
-                Round::Lost => return None,
-                Round::DbError => return Some(FIRST_RETRY),
-            };
-            let last = requests.last().map_or(cursor, |r| r.id + 1);
-            cursor = if self.settings.ordered {
-                requests.iter().map(|r| r.id).find(|id| !settled.contains(id)).unwrap_or(last)
-            } else {
-                // Past this page: what failed now waits for its retry, at least FIRST_RETRY
-                // away, which the scheduler comes back for, reading from the start again.
-                if due.iter().any(|r| !settled.contains(&r.id)) {
-                    passed_over = passed_over.into_iter().chain([FIRST_RETRY]).min();
-                }
-                last
-            };
-        }
-    }
-
-    /// One at a time; stops at the first failure, which holds the flow's later requests back.
-    ///
-    /// Outcomes are recorded before the next request leaves whenever the last request took
-    /// [`RECORD_WINDOW`] or more, or the oldest unrecorded one is that old; so a crash makes the
-    /// next holder resend the request in flight and at most the ones delivered in the window
-    /// before it, by requests each faster than the window. One durable write per request
-    /// would cap a fast endpoint at the database's commit rate (1,500 requests/s here instead
-    /// of 9,000).
-    async fn send_in_order(&self, lease: &Lease, due: &[&Request], shutdown: &CancellationToken) -> Round {
-        let mut settled = HashSet::new();
-        let mut unrecorded: Vec<(&Request, Result<(), Failure>)> = Vec::new();
-        let mut oldest = Instant::now();
-        for request in due {
-            let started = Instant::now();
-            let Some(result) = lease.while_held(self.send(request)).await else {
-                // Still worth recording: if nobody has taken the flow yet, the fence lets it
-                // through and spares the next holder those resends.
-                let _ = self.record(lease.flow, &unrecorded).await;
-                return Round::Lost;
-            };
-            let failed = result.is_err();
-            if unrecorded.is_empty() {
-                oldest = Instant::now();
-            }
-            unrecorded.push((request, result));
-            let slow = started.elapsed() >= RECORD_WINDOW || oldest.elapsed() >= RECORD_WINDOW;
-            let last = failed || shutdown.is_cancelled();
-            if slow || last {
-                if let Err(round) = self.record_in_round(lease, &mut unrecorded, &mut settled).await {
-                    return round;
-                }
-            }
-            if last {
-                break;
-            }
-        }
-        if let Err(round) = self.record_in_round(lease, &mut unrecorded, &mut settled).await {
-            return round;
-        }
-        Round::Settled(settled)
-    }
-
-    /// Records and forgets `unrecorded`, adding what is settled; the round's end otherwise.
-    async fn record_in_round(
-        &self,
-        lease: &Lease,
-        unrecorded: &mut Vec<(&Request, Result<(), Failure>)>,
-        settled: &mut HashSet<i64>,
-    ) -> Result<(), Round> {
-        if unrecorded.is_empty() {
-            return Ok(());
-        }
-        let recorded = self.record(lease.flow, unrecorded).await;
-        unrecorded.clear();
-        match recorded {
-            Ok(Some(done)) => {
-                settled.extend(done);
-                Ok(())
-            }
-            Ok(None) => {
-                lease.lost_on_record();
-                Err(Round::Lost)
-            }
-            Err(error) => {
-                tracing::warn!("Outbox cannot record deliveries of flow {}: {error}", lease.flow);
-                Err(Round::DbError)
-            }
-        }
-    }
-
-    /// All due requests at once (`HTTP_ORDERED=false`), recorded together.
-    async fn send_together(&self, lease: &Lease, due: &[&Request]) -> Round {
-        let sends = futures_util::future::join_all(due.iter().map(|r| async { (*r, self.send(r).await) }));
-        let Some(results) = lease.while_held(sends).await else {
-            return Round::Lost;
         };
-        match self.record(lease.flow, &results).await {
-            Ok(Some(settled)) => Round::Settled(settled),
-            Ok(None) => {
-                lease.lost_on_record();
-                Round::Lost
+        let now = Instant::now();
+        let mut newly_held = Vec::new();
+        let mut known = HashMap::with_capacity(pending.len());
+        for flow in pending {
+            let destination = Destination::of(&flow.target);
+            let held = matches!(destination, Destination::Held(_));
+            if held && !flow.hold_recorded {
+                newly_held.push(flow.flow);
             }
-            Err(error) => {
-                tracing::warn!("Outbox cannot record deliveries of flow {}: {error}", lease.flow);
-                Round::DbError
+            if !held && flow.hold_recorded {
+                if let Err(error) = self.queue.note_released(flow.flow).await {
+                    tracing::warn!("Outbox cannot note that flow {} is no longer held: {error}", flow.flow);
+                }
             }
+            let wait = match destination {
+                Destination::Deleted => Duration::ZERO,
+                _ if flow.url_changed => Duration::ZERO,
+                _ if self.settings.ordered => flow.last_due,
+                _ => flow.first_due,
+            };
+            known.insert(flow.flow, Known { due_at: now + wait, held });
         }
-    }
-
-    /// Waits up to [`LINGER`] for more requests of the flow.
-    async fn linger(&self, lease: &Lease, wake: &Notify, shutdown: &CancellationToken) -> Linger {
-        tokio::select! {
-            _ = lease.lost() => Linger::Stop,
-            _ = shutdown.cancelled() => Linger::Stop,
-            _ = wake.notified() => Linger::Woken,
-            _ = tokio::time::sleep(LINGER) => Linger::TimedOut,
+        if let Err(error) = self.queue.note_held(&newly_held).await {
+            tracing::warn!("Outbox cannot note held flows: {error}");
         }
-    }
-
-    async fn send(&self, request: &Request) -> Result<(), Failure> {
-        self.sender.send(&request.url, request.body.clone()).await
-    }
-
-    /// Deletes what was delivered; schedules or buries what failed, logging each failure.
-    /// Returns the ids settled for good (delivered or dead), or `None` when this instance no
-    /// longer owns the flow's lease: then nothing is changed, the new owner decides.
-    async fn record(
-        &self,
-        flow: i32,
-        results: &[(&Request, Result<(), Failure>)],
-    ) -> Result<Option<HashSet<i64>>, sqlx::Error> {
-        let delivered: Vec<i64> = results.iter().filter(|(_, r)| r.is_ok()).map(|(req, _)| req.id).collect();
-        if !self.queue.delete_delivered(flow, &delivered).await? {
-            return Ok(None);
-        }
-        let mut settled: HashSet<i64> = delivered.into_iter().collect();
-        for (request, result) in results {
-            let Err(failure) = result else { continue };
-            let attempts = request.attempts + 1;
-            tracing::error!(
-                flow_code = %request.flow_code,
-                error_kind = "post_failed",
-                "Error posting flow {} to endpoint {}: {}",
-                request.flow_code,
-                http::redacted_str(&request.url),
-                failure.error
-            );
-            let dead = attempts >= self.settings.max_attempts
-                || (failure.permanent && attempts >= PERMANENT_ATTEMPTS)
-                || request.age >= self.settings.max_age;
-            let delay = failure
-                .retry_after
-                .unwrap_or_else(|| {
-                    backoff::after_failures(attempts, FIRST_RETRY, self.settings.max_retry_delay)
-                })
-                .min(MAX_RETRY_AFTER);
-            let error = failure.error.to_string();
-            if !self.queue.reschedule(request.id, attempts, &error, dead, delay).await? {
-                return Ok(None);
-            }
-            if dead {
-                settled.insert(request.id);
-                tracing::error!(
-                    flow_code = %request.flow_code,
-                    "Giving up on request {} of flow {} after {attempts} attempts over {:.0}s; it is kept in gateway_outbox as dead",
-                    request.id,
-                    request.flow_code,
-                    request.age.as_secs_f64()
-                );
-            }
-        }
-        Ok(Some(settled))
+        Some(known)
     }
 }
 
 fn no_answer() -> String {
     format!("the database did not answer within {:?}", db::ANSWER_WITHIN)
-}
-
-/// How waiting for more requests of a flow ended.
-enum Linger {
-    Woken,
-    TimedOut,
-    /// The lease was lost or shutdown began.
-    Stop,
-}
-
-/// What a delivery round ended with.
-enum Round {
-    Settled(HashSet<i64>),
-    Lost,
-    DbError,
 }

@@ -32,7 +32,7 @@ pub enum Effect {
 pub fn render(flow: &Flow, payload: &Map<String, Value>) -> Result<Effect, String> {
     Ok(match &flow.action {
         Action::StoreDb => Effect::StoreDb(store_db::render(payload)?),
-        Action::PostEndpoint { url } => Effect::PostEndpoint(post_endpoint::render(url, payload)),
+        Action::PostEndpoint { .. } => Effect::PostEndpoint(post_endpoint::render(payload)),
     })
 }
 

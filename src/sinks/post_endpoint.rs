@@ -5,28 +5,36 @@
 
 use super::{AfterCommit, Effect, Item, Rendered};
 use crate::db::StatementBounds;
-use crate::flows::Flow;
+use crate::flows::{Action, Flow};
 use crate::outbox::queue::{self, NewRequest};
 use crate::pyfmt;
 use serde_json::{Map, Value};
 use sqlx::{MySql, Transaction};
 
-/// One request to queue for a message.
+/// One request to queue for a message; its flow says where it goes.
 pub struct Request {
-    url: String,
     /// The body `requests.post(url, json=payload)` sent, or why it could not be built (the
     /// original then logged a posting error, with the counter already incremented).
     body: Result<String, pyfmt::RenderError>,
 }
 
-pub fn render(url: &url::Url, payload: &Map<String, Value>) -> Request {
-    Request { url: url.to_string(), body: pyfmt::request_body_of(payload) }
+pub fn render(payload: &Map<String, Value>) -> Request {
+    Request { body: pyfmt::request_body_of(payload) }
+}
+
+/// The flow's `endpoint_url` as its row holds it: what the outbox row keeps (see
+/// [`crate::outbox`] for which URL a request goes to).
+fn stored_url(flow: &Flow) -> &str {
+    match &flow.action {
+        Action::PostEndpoint { raw, .. } => raw,
+        Action::StoreDb => "",
+    }
 }
 
 impl Rendered for Request {
     fn too_big(&self, flow: &Flow, bounds: &StatementBounds) -> Option<String> {
         let body = self.body.as_ref().ok()?;
-        let bytes = queue::row_bytes(&flow.code, &self.url, body);
+        let bytes = queue::row_bytes(&flow.code, stored_url(flow), body);
         (bytes > bounds.row_limit()).then(|| {
             format!(
                 "the POST body of {} bytes is more than the {} bytes one statement may carry \
@@ -39,7 +47,7 @@ impl Rendered for Request {
     }
 
     fn bytes(&self, flow: &Flow) -> usize {
-        self.body.as_ref().map_or(0, |body| queue::row_bytes(&flow.code, &self.url, body))
+        self.body.as_ref().map_or(0, |body| queue::row_bytes(&flow.code, stored_url(flow), body))
     }
 
     fn committed(&self, flow: &Flow) -> AfterCommit {
@@ -48,7 +56,7 @@ impl Rendered for Request {
             Err(error) => AfterCommit::NotSent(format!(
                 "Error posting flow {} to endpoint {}: {error}",
                 flow.code,
-                crate::outbox::redacted_str(&self.url)
+                crate::outbox::redacted_str(stored_url(flow).trim())
             )),
         }
     }
@@ -64,10 +72,10 @@ pub async fn write(
     let rows: Vec<NewRequest> = written
         .iter()
         .filter_map(|(item, msg_id)| match &item.effect {
-            Effect::PostEndpoint(Request { url, body: Ok(body) }) => Some(NewRequest {
+            Effect::PostEndpoint(Request { body: Ok(body) }) => Some(NewRequest {
                 flow_id: item.flow.id,
                 flow_code: &item.flow.code,
-                url,
+                url: stored_url(&item.flow),
                 body,
                 msg_id: *msg_id,
             }),

@@ -182,6 +182,32 @@ async fn retry_after_is_honoured() {
 }
 
 #[tokio::test]
+async fn retry_after_zero_cannot_burn_a_request() {
+    let env = TestEnv::new().await;
+    let echo = &shared().echo;
+    // An overloaded proxy: 503 with `Retry-After: 0` for 3 s, then the endpoint is back.
+    let path = format!("/unavailable-for/3000/0/{}", env.name);
+    env.add_flow("EAGER", &env.topic("a"), "POST_ENDPOINT", "{}", Some(&echo.url(&path))).await;
+    let _gateway = env.start().await;
+    publish(&env.topic("a"), &[br#"{"v": 1}"#]).await;
+    poll_until("the request delivered", WAIT, || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM gateway_outbox").fetch_one(&env.pool).await.unwrap();
+        let requests = echo.requests(&path);
+        let back = requests.last().is_some_and(|r| r.at - requests[0].at >= Duration::from_secs(3));
+        if left == 0 && back {
+            Ok(())
+        } else {
+            Err(format!("{left} queued, {} attempts", requests.len()))
+        }
+    })
+    .await;
+    let attempts = echo.count(&path);
+    eprintln!("delivered at attempt {attempts}");
+    assert!(attempts <= 5, "{attempts} attempts: the backoff is a floor under Retry-After");
+}
+
+#[tokio::test]
 async fn two_instances_in_a_shared_group_process_each_message_once() {
     let mut env = TestEnv::new().await;
     env.set("MQTT_SHARED_GROUP", "gateways");

@@ -132,6 +132,7 @@ async fn a_revoked_privilege_holds_the_stream_until_it_is_granted_again() {
         "gateway_retained",
         "gateway_session_filters",
         "gateway_flows_version",
+        "gateway_outbox_holds",
     ];
     let mut sql = format!(
         "CREATE USER '{user}'@'%' IDENTIFIED BY 'lim-pw'; \

@@ -21,6 +21,8 @@ mod logs;
 mod metrics;
 mod migrations;
 mod notify;
+mod outbox;
+mod outbox_reads;
 mod post_endpoint;
 mod prometheus;
 mod protocol;

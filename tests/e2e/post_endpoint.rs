@@ -140,3 +140,72 @@ async fn unordered_a_request_waiting_for_its_retry_holds_back_no_newer_one() {
     eventually("the retry", || bodies().len() >= 11).await;
     assert_eq!(bodies()[10], first);
 }
+
+#[tokio::test]
+async fn unordered_a_request_refused_for_ten_minutes_delays_no_other() {
+    let mut env = TestEnv::new().await;
+    env.set("HTTP_ORDERED", "false");
+    let topic = env.topic("unordered");
+    // The first request gets 503 with `Retry-After: 600`, every later one 200.
+    let path = format!("/unavailable/1/600/{}/unordered", env.name);
+    env.add_flow("U", &topic, "POST_ENDPOINT", "{}", Some(&shared().echo.url(&path))).await;
+    let _gateway = env.start().await;
+    publish(&topic, &[br#"{"i": 0}"#]).await;
+    eventually("the refused attempt", || shared().echo.count(&path) >= 1).await;
+
+    let mut publisher = testkit::Publisher::connect(shared().broker.port).await.unwrap();
+    let mut sent_at = Vec::new();
+    for i in 1..=20 {
+        sent_at.push(std::time::Instant::now());
+        publisher.publish(&topic, format!(r#"{{"i": {i}}}"#)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    publisher.flush(WAIT).await.unwrap();
+    eventually("the 20 others", || shared().echo.count(&path) >= 21).await;
+    let requests = shared().echo.requests(&path);
+    for (i, sent) in sent_at.iter().enumerate() {
+        let body = format!(r#"{{"i": {}}}"#, i + 1);
+        let arrived = requests.iter().find(|r| r.body_text() == body).expect("arrived").at;
+        let took = arrived.saturating_duration_since(*sent);
+        assert!(took <= std::time::Duration::from_secs(2), "request {} took {took:?}", i + 1);
+    }
+    let refused = requests.iter().filter(|r| r.body_text() == r#"{"i": 0}"#).count();
+    assert_eq!(refused, 1, "the refused one waits for its ten minutes");
+}
+
+#[tokio::test]
+async fn unordered_a_request_in_flight_for_seconds_delays_no_other() {
+    let mut env = TestEnv::new().await;
+    env.set("HTTP_ORDERED", "false");
+    env.set("HTTP_TIMEOUT_SECONDS", "30");
+    let topic = env.topic("unordered");
+    // The first request is answered after 8 s, every later one at once.
+    let path = format!("/stall/1/8000/{}/unordered", env.name);
+    env.add_flow("U", &topic, "POST_ENDPOINT", "{}", Some(&shared().echo.url(&path))).await;
+    let _gateway = env.start().await;
+    publish(&topic, &[br#"{"i": 0}"#]).await;
+    eventually("the slow request under way", || shared().echo.count(&path) >= 1).await;
+    let started = std::time::Instant::now();
+    let payloads: Vec<String> = (1..=10).map(|i| format!(r#"{{"i": {i}}}"#)).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_bytes()).collect();
+    publish(&topic, &refs).await;
+    eventually("the 10 others", || shared().echo.count(&path) >= 11).await;
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "the others waited {took:?} for the slow one");
+}
+
+#[tokio::test]
+async fn a_long_non_ascii_url_is_posted_to_though_it_percent_encodes_past_500_characters() {
+    let env = TestEnv::new().await;
+    let topic = env.topic("t");
+    let prefix = format!("/{}/", env.name);
+    let url = shared().echo.url(&format!("{prefix}{}", "é".repeat(200)));
+    assert!(url::Url::parse(&url).unwrap().as_str().len() > 1_000, "encoded it is long");
+    env.add_flow("LONG", &topic, "POST_ENDPOINT", "{}", Some(&url)).await;
+    let gateway = env.start().await;
+    publish(&topic, &[br#"{"i": 1}"#, br#"{"i": 2}"#]).await;
+    eventually("both POSTs", || shared().echo.count(&prefix) >= 2).await;
+    assert_eq!(gateway.count("Error processing topic"), 0, "{}", gateway.logs());
+    let path = &shared().echo.requests(&prefix)[0].path;
+    assert!(path.ends_with(&"%C3%A9".repeat(200)), "{path}");
+}

@@ -3,6 +3,10 @@
 //! - `/sleep/2000/...` answers 200 after two seconds;
 //! - `/flaky/3/...` answers 500 to the first three requests on that exact path, then 200;
 //! - `/busy/2/1/...` answers 429 with `Retry-After: 1` to the first two, then 200;
+//! - `/unavailable/2/600/...` answers 503 with `Retry-After: 600` to the first two, then 200;
+//! - `/unavailable-for/3000/0/...` answers 503 with `Retry-After: 0` until 3 s after the first
+//!   request on that exact path, then 200;
+//! - `/stall/1/8000/...` answers the first request 200 after 8 s, the later ones at once;
 //! - anything else 200.
 
 use axum::body::Bytes;
@@ -13,6 +17,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+
+/// 503 with `Retry-After` as the path says (1 when it says nothing).
+fn unavailable(retry_after: Option<&str>) -> Response {
+    let wait = retry_after.unwrap_or("1").to_owned();
+    (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", wait)], "unavailable").into_response()
+}
 
 /// One request as received.
 #[derive(Debug, Clone)]
@@ -37,8 +47,9 @@ impl Recorded {
 pub struct EchoServer {
     pub port: u16,
     requests: Arc<Mutex<Vec<Recorded>>>,
-    /// Requests per exact path, so counting never walks the recorded requests.
-    counts: Arc<Mutex<HashMap<String, usize>>>,
+    /// Requests per exact path, and when the first arrived, so counting never walks the
+    /// recorded requests.
+    counts: Arc<Mutex<HashMap<String, (usize, Instant)>>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -86,7 +97,7 @@ impl EchoServer {
     /// handlers share this lock, so polling with `requests` would slow the server down.
     pub fn count(&self, prefix: &str) -> usize {
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.iter().filter(|(path, _)| path.starts_with(prefix)).map(|(_, n)| n).sum()
+        counts.iter().filter(|(path, _)| path.starts_with(prefix)).map(|(_, (n, _))| n).sum()
     }
 
     /// Requests received so far on paths starting with `prefix`.
@@ -109,7 +120,7 @@ impl Drop for EchoServer {
 
 async fn answer(
     requests: Arc<Mutex<Vec<Recorded>>>,
-    counts: Arc<Mutex<HashMap<String, usize>>>,
+    counts: Arc<Mutex<HashMap<String, (usize, Instant)>>>,
     req: Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
@@ -126,11 +137,11 @@ async fn answer(
         body: body.to_vec(),
         at: Instant::now(),
     });
-    let seen_before = {
+    let (seen_before, first_at) = {
         let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(path.clone()).or_insert(0);
+        let (n, first_at) = counts.entry(path.clone()).or_insert((0, Instant::now()));
         *n += 1;
-        *n as u64 - 1
+        (*n as u64 - 1, *first_at)
     };
     let mut segments = path.trim_start_matches('/').split('/');
     let kind = segments.next();
@@ -150,6 +161,15 @@ async fn answer(
         (Some("busy"), Some(failures)) if seen_before < failures => {
             let wait = segments.next().unwrap_or("1").to_owned();
             (StatusCode::TOO_MANY_REQUESTS, [("retry-after", wait)], "busy").into_response()
+        }
+        (Some("unavailable"), Some(failures)) if seen_before < failures => unavailable(segments.next()),
+        (Some("stall"), Some(stalled)) if seen_before < stalled => {
+            let ms = segments.next().and_then(|s| s.parse().ok()).unwrap_or(1_000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            (StatusCode::OK, "stalled").into_response()
+        }
+        (Some("unavailable-for"), Some(ms)) if first_at.elapsed() < Duration::from_millis(ms) => {
+            unavailable(segments.next())
         }
         _ => (StatusCode::OK, "ok").into_response(),
     }

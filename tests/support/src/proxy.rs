@@ -1,8 +1,12 @@
-//! TCP proxies on free loopback ports in front of a broker. [`DelayProxy`] adds a fixed delay to
-//! everything the client sends, like a broker across a WAN or a cellular uplink (the other
-//! direction passes at once; bytes keep their order; each chunk is held until `delay` after it
-//! was read). [`Mqtt311Only`] makes a broker look like one that speaks only MQTT 3.1.1.
+//! TCP proxies on free loopback ports. [`DelayProxy`] adds a fixed delay to everything the
+//! client sends, like a broker across a WAN or a cellular uplink (the other direction passes at
+//! once; bytes keep their order; each chunk is held until `delay` after it was read), and counts
+//! the bytes the server sends back (say, what a database returned to a gateway).
+//! [`Mqtt311Only`] makes a broker look like one that speaks only MQTT 3.1.1; [`Cutter`] ends
+//! connections with a packet of the test's choice.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -12,6 +16,7 @@ use tokio::time::Instant;
 pub struct DelayProxy {
     pub port: u16,
     task: tokio::task::JoinHandle<()>,
+    downward: Arc<AtomicU64>,
 }
 
 impl DelayProxy {
@@ -19,12 +24,19 @@ impl DelayProxy {
     pub async fn start(upstream: u16, delay: Duration) -> anyhow::Result<DelayProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
+        let downward = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&downward);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(relay(client, upstream, delay));
+                tokio::spawn(relay(client, upstream, delay, Arc::clone(&counter)));
             }
         });
-        Ok(DelayProxy { port, task })
+        Ok(DelayProxy { port, task, downward })
+    }
+
+    /// Bytes the upstream server has sent to clients so far, over every connection.
+    pub fn bytes_to_clients(&self) -> u64 {
+        self.downward.load(Ordering::Relaxed)
     }
 }
 
@@ -34,7 +46,7 @@ impl Drop for DelayProxy {
     }
 }
 
-async fn relay(client: TcpStream, upstream: u16, delay: Duration) {
+async fn relay(client: TcpStream, upstream: u16, delay: Duration, counter: Arc<AtomicU64>) {
     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
         return;
     };
@@ -61,7 +73,13 @@ async fn relay(client: TcpStream, upstream: u16, delay: Duration) {
         let _ = server_write.shutdown().await;
     };
     let downward = async move {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let mut buffer = vec![0u8; 64 * 1024];
+        while let Ok(n) = server_read.read(&mut buffer).await {
+            if n == 0 || client_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
         let _ = client_write.shutdown().await;
     };
     tokio::join!(upward_read, upward_write, downward);
