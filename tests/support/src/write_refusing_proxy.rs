@@ -34,6 +34,7 @@ pub struct WriteRefusingProxy {
     refusing: watch::Sender<Refusal>,
     refused: Arc<AtomicU64>,
     silent: Arc<AtomicU64>,
+    went_silent: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,13 +47,18 @@ impl WriteRefusingProxy {
         let (refusing, watching) = watch::channel(Refusal::Pass);
         let refused = Arc::new(AtomicU64::new(0));
         let silent = Arc::new(AtomicU64::new(0));
-        let counters = Counters { refused: Arc::clone(&refused), silent: Arc::clone(&silent) };
+        let went_silent = Arc::new(AtomicU64::new(0));
+        let counters = Counters {
+            refused: Arc::clone(&refused),
+            silent: Arc::clone(&silent),
+            went_silent: Arc::clone(&went_silent),
+        };
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 tokio::spawn(relay(client, upstream, watching.clone(), counters.clone()));
             }
         });
-        Ok(WriteRefusingProxy { port, refusing, refused, silent, task })
+        Ok(WriteRefusingProxy { port, refusing, refused, silent, went_silent, task })
     }
 
     /// Starts refusing writes (closing or silencing every connection open now), or stops.
@@ -70,21 +76,31 @@ impl WriteRefusingProxy {
     pub fn silent_and_open(&self) -> u64 {
         self.silent.load(Ordering::Relaxed)
     }
+
+    /// How many connections went silent in all: on a write, or open when silence began (a link
+    /// that dies under connections the client holds, whether it uses them or not).
+    pub fn went_silent(&self) -> u64 {
+        self.went_silent.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Clone)]
 struct Counters {
     refused: Arc<AtomicU64>,
     silent: Arc<AtomicU64>,
+    went_silent: Arc<AtomicU64>,
 }
 
 /// Counts a connection silenced on a write as open until its relay ends.
 struct SilentWhileOpen(Option<Arc<AtomicU64>>);
 
 impl SilentWhileOpen {
-    fn count(&mut self, silent: &Arc<AtomicU64>) {
-        silent.fetch_add(1, Ordering::Relaxed);
-        self.0 = Some(Arc::clone(silent));
+    fn count(&mut self, counters: &Counters) {
+        if self.0.is_none() {
+            counters.silent.fetch_add(1, Ordering::Relaxed);
+            counters.went_silent.fetch_add(1, Ordering::Relaxed);
+            self.0 = Some(Arc::clone(&counters.silent));
+        }
     }
 }
 
@@ -138,6 +154,7 @@ async fn relay(client: TcpStream, upstream: u16, refusing: watch::Receiver<Refus
     let mut failover = refusing.clone();
     failover.borrow_and_update();
     let silenced = Arc::clone(&silent);
+    let failover_counters = counters.clone();
     let upward = async move {
         // Dropped with this future, when the connection ends.
         let mut silent_while_open = SilentWhileOpen(None);
@@ -157,7 +174,7 @@ async fn relay(client: TcpStream, upstream: u16, refusing: watch::Receiver<Refus
                         return;
                     }
                     silenced.store(true, Ordering::Relaxed);
-                    silent_while_open.count(&counters.silent);
+                    silent_while_open.count(&counters);
                     break;
                 }
                 if server_write.write_all(&pending[..length]).await.is_err() {
@@ -187,7 +204,10 @@ async fn relay(client: TcpStream, upstream: u16, refusing: watch::Receiver<Refus
             match *failover.borrow() {
                 Refusal::Pass => {}
                 Refusal::Close => return,
-                Refusal::Silence => silent.store(true, Ordering::Relaxed),
+                Refusal::Silence => {
+                    silent.store(true, Ordering::Relaxed);
+                    failover_counters.went_silent.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         std::future::pending().await
