@@ -8,7 +8,7 @@
 //! part waiting on the database (for a lock, say) is never stuck before its bound has run out.
 //!
 //! An idle part does not wake up on a timer to show it is alive: the watchdog pokes it
-//! ([`Health::poke`]) when it checks, and a part that is not stuck comes back to its loop for
+//! ([`Health::poke_quiet`]) when it checks, and a part that is not stuck comes back to its loop for
 //! the poke. So an idle gateway wakes a few times per watchdog check, not several times a
 //! second, and a stuck part is still found: it does not answer.
 
@@ -105,11 +105,17 @@ impl Health {
         self.beat(Part::Processor);
     }
 
-    /// Asks every part to come back to its loop (and so beat) once: what the watchdog does
-    /// before it checks again. A part busy now keeps the request for its next wait.
-    pub fn poke(&self) {
-        for poke in &self.pokes {
-            poke.notify_one();
+    /// Asks every part that has not turned for `quiet` to come back to its loop (and so beat)
+    /// once: what the watchdog does before it checks again. A part busy now keeps the request
+    /// for its next wait.
+    pub fn poke_quiet(&self, quiet: Duration) {
+        let now = self.now();
+        for part in Part::ALL {
+            if now.saturating_sub(self.turned[part as usize].load(Ordering::Relaxed))
+                >= quiet.as_millis() as u64
+            {
+                self.pokes[part as usize].notify_one();
+            }
         }
     }
 
@@ -203,6 +209,18 @@ mod tests {
     }
 
     const LIMIT: Duration = Duration::from_millis(500);
+
+    #[tokio::test]
+    async fn only_quiet_parts_are_poked() {
+        let health = Health { started: Instant::now() - Duration::from_secs(20), ..Health::default() };
+        let now = health.now();
+        turned(&health, [now, now - 10_000, now]);
+        health.poke_quiet(Duration::from_secs(5));
+        let poked = |part| tokio::time::timeout(Duration::from_millis(20), health.poked(part));
+        assert!(poked(Part::Processor).await.is_ok(), "quiet for 10 s: poked");
+        assert!(poked(Part::Session).await.is_err(), "just turned: left to sleep");
+        assert!(poked(Part::Outbox).await.is_err());
+    }
 
     #[test]
     fn a_part_that_stops_turning_is_named() {

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 /// How long a reload waits for the broker to confirm changed subscriptions.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(10);
 /// How often the flows version is read.
-pub const FOLLOW_EVERY: Duration = Duration::from_secs(2);
+pub const FOLLOW_EVERY: Duration = Duration::from_secs(5);
 
 /// Why a reload runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
