@@ -7,7 +7,8 @@
 //!   from start to ready and the RSS once ready, per 10,000 flows.
 //! - Traffic spread over 10,000 flows, each message to another one.
 //! - `/metrics` with 50,000 flows of which 1,000 took a message: its size and time to serve.
-//! - An idle gateway: how often its threads wake up per second.
+//! - An idle gateway: how often its threads wake up per second, alone and under a 30 s systemd
+//!   watchdog (a notify socket of the bench's).
 //!
 //! `BENCH_MESSAGES` scales the message counts (default 100000); `BENCH_ONLY=idle` runs the
 //! wakeup count alone. Prints a table and writes `target/bench/flows.json`.
@@ -57,9 +58,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let bench = Bench::start(messages).await?;
-        let idle = bench.idle_wakeups().await?;
+        let idle = (bench.idle_wakeups(false).await?, bench.idle_wakeups(true).await?);
         if std::env::var("BENCH_ONLY").as_deref() == Ok("idle") {
-            println!("idle gateway: {idle:.2} wakeups/s");
+            println!("idle gateway: {:.2} wakeups/s, {:.2} with a 30 s watchdog", idle.0, idle.1);
             return Ok(());
         }
         let mut runs = Vec::new();
@@ -221,22 +222,46 @@ impl Bench {
     }
 
     /// Wakeups per second of a gateway with three flows and no traffic, over ten seconds.
-    async fn idle_wakeups(&self) -> anyhow::Result<f64> {
+    /// With `watchdog`, under a service manager's notify socket and a 30 s watchdog, as the
+    /// NixOS and Debian units run it.
+    async fn idle_wakeups(&self, watchdog: bool) -> anyhow::Result<f64> {
         self.insert_flows("QUIET", "quiet", 3).await?;
-        let (gateway, _) = self.gateway("bench-idle", &[])?;
+        let dir = tempfile::tempdir()?;
+        let socket_path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&socket_path)?;
+        socket.set_nonblocking(true)?;
+        let extra: Vec<(&str, String)> = if watchdog {
+            vec![
+                ("NOTIFY_SOCKET", socket_path.display().to_string()),
+                ("WATCHDOG_USEC", "30000000".to_owned()),
+            ]
+        } else {
+            Vec::new()
+        };
+        let (gateway, _) =
+            self.gateway(if watchdog { "bench-idle-watchdog" } else { "bench-idle" }, &extra)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = context_switches_by_thread(gateway.pid());
-        let window = Duration::from_secs(10);
+        let window = Duration::from_secs(if watchdog { 30 } else { 10 });
         tokio::time::sleep(window).await;
         let after = context_switches_by_thread(gateway.pid());
         let mut woke = 0;
         for (thread, switches) in &after {
             let earlier = before.iter().find(|(t, _)| t == thread).map_or(0, |(_, n)| *n);
             if switches > &earlier {
-                eprintln!("idle: {thread} woke {} times in {window:?}", switches - earlier);
+                eprintln!(
+                    "idle (watchdog {watchdog}): {thread} woke {} times in {window:?}",
+                    switches - earlier
+                );
             }
             woke += switches - earlier;
         }
+        let mut pings = 0;
+        let mut buffer = [0u8; 256];
+        while let Ok(n) = socket.recv(&mut buffer) {
+            pings += usize::from(buffer[..n].windows(10).any(|w| w == b"WATCHDOG=1"));
+        }
+        anyhow::ensure!(!watchdog || pings > 0, "the gateway never pinged the watchdog");
         sqlx::query("DELETE FROM flows WHERE code LIKE 'QUIET\\_%'").execute(&self.pool).await?;
         Ok(woke as f64 / window.as_secs_f64())
     }
@@ -254,7 +279,7 @@ async fn publish(port: u16, messages: u64, topic: impl Fn(u64) -> String) -> any
 fn report(
     runs: &[Run],
     spread: &Run,
-    idle: f64,
+    idle: (f64, f64),
     metrics_bytes: usize,
     metrics_ms: f64,
 ) -> anyhow::Result<()> {
@@ -283,7 +308,10 @@ fn report(
         / (largest.flows as f64 / 10_000.0);
     println!("\nRSS once ready: {per_10k:.1} MiB per 10,000 flows");
     println!("/metrics with 50,000 flows, 1,000 active: {metrics_bytes} bytes, served in {metrics_ms:.1} ms");
-    println!("idle gateway (3 flows, no traffic): {idle:.2} wakeups/s");
+    println!(
+        "idle gateway (3 flows, no traffic): {:.2} wakeups/s, {:.2} under a 30 s systemd watchdog",
+        idle.0, idle.1
+    );
     let results: Vec<serde_json::Value> = runs
         .iter()
         .chain([spread])
@@ -309,7 +337,8 @@ fn report(
         "rss_mib_per_10k_flows": per_10k,
         "metrics_bytes_50k_flows_1k_active": metrics_bytes,
         "metrics_ms_50k_flows_1k_active": metrics_ms,
-        "idle_wakeups_per_second": idle,
+        "idle_wakeups_per_second": idle.0,
+        "idle_wakeups_per_second_with_watchdog": idle.1,
     });
     std::fs::write(&file, serde_json::to_string_pretty(&document)?)?;
     println!("\nwritten to {}", file.display());
