@@ -120,7 +120,17 @@ impl Reloader {
 
     pub async fn reload(&mut self, cause: Cause) -> Result<(), sqlx::Error> {
         let rows = flows::table::enabled(&self.pool).await?;
-        if rows == self.rows {
+        // Compared and built off the runtime's thread: with fifty thousand flows that is
+        // 20 ms and 125 ms the processor and the session would otherwise stand still for.
+        let before_rows = std::mem::take(&mut self.rows);
+        let (before_rows, rows, next) = tokio::task::spawn_blocking(move || {
+            let next = (rows != before_rows).then(|| FlowSet::from_rows(rows.clone()));
+            (before_rows, rows, next)
+        })
+        .await
+        .expect("building a flow set does not panic");
+        self.rows = before_rows;
+        let Some(next) = next else {
             // Nothing to rebuild (with fifty thousand flows, the build is what costs); only
             // filters the broker refused are asked for again, in case its ACL was fixed.
             if !self.health.refused().is_empty() {
@@ -131,8 +141,7 @@ impl Reloader {
                 tracing::info!("Applied flows version {} (the flows were already up to date)", self.version);
             }
             return Ok(());
-        }
-        let next = FlowSet::from_rows(rows.clone());
+        };
         crate::metrics::record_flows(&next);
         self.report_broken(&next.broken);
         let before = self.flows.borrow().subscriptions();
