@@ -23,6 +23,7 @@ use serde_json::json;
 use sqlx::MySqlPool;
 use std::time::{Duration, Instant};
 use testkit::mariadb::Durability;
+use testkit::measure::cpu_seconds;
 use testkit::{EchoServer, Gateway, GatewayDb, Login, MariaDb, Mosquitto, Publisher};
 
 const LOGIN: Login = Login { database: "bench", user: "bench", password: "bench-password" };
@@ -523,19 +524,6 @@ fn bare_client(url: &str, requests: u64) -> anyhow::Result<()> {
         println!("{}", cpu_seconds(std::process::id()) - before);
         Ok(())
     })
-}
-
-/// User plus system CPU time of a process.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / per_second
 }
 
 fn report(runs: &[Run], window: u32) -> anyhow::Result<()> {

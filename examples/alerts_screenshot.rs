@@ -32,7 +32,7 @@ document.getElementById("page").addEventListener("load", function () {
 
 fn main() -> anyhow::Result<()> {
     let out = std::env::args().nth(1).unwrap_or_else(|| "docs/prometheus-alert-holding.png".to_owned());
-    let chromium = testkit::require_program("chromium", "chromium")?;
+    testkit::require_program("chromium", "chromium")?;
     testkit::require_program("prometheus", "prometheus")?;
     mqtt_gateway::tls::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -51,19 +51,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("Prometheus serves no alerts page")
     })?;
     println!("screenshot of {url} ...");
-    let profile = tempfile::tempdir()?;
-    let status = std::process::Command::new(chromium)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"])
-        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        .arg("--no-first-run")
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(["--window-size=1400,1000", "--virtual-time-budget=15000"])
-        .arg(format!("--screenshot={out}"))
-        .arg(&url)
-        // Headless Chromium complains at length about the missing D-Bus; the status says enough.
-        .stderr(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "chromium failed ({status})");
+    testkit::screenshot(&url, std::path::Path::new(&out), 1400, 1000)?;
     println!("saved {out}");
     Ok(())
 }

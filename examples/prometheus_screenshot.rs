@@ -23,7 +23,7 @@ const SCHEDULE: [[(&str, u32); 3]; 3] = [
 
 fn main() -> anyhow::Result<()> {
     let out = std::env::args().nth(1).unwrap_or_else(|| "docs/prometheus-throughput.png".to_owned());
-    let chromium = testkit::require_program("chromium", "chromium")?;
+    testkit::require_program("chromium", "chromium")?;
     testkit::require_program("prometheus", "prometheus")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (prometheus, _services) = runtime.block_on(run_traffic())?;
@@ -32,15 +32,7 @@ fn main() -> anyhow::Result<()> {
         [("g0.expr", QUERY), ("g0.tab", "0"), ("g0.range_input", "4m"), ("g0.stacked", "0")],
     )?;
     println!("screenshot of {url} ...");
-    let status = std::process::Command::new(chromium)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"])
-        .args(["--window-size=1400,900", "--virtual-time-budget=15000"])
-        .arg(format!("--screenshot={out}"))
-        .arg(url.as_str())
-        // Headless Chromium complains at length about the missing D-Bus; the status says enough.
-        .stderr(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "chromium failed ({status})");
+    testkit::screenshot(url.as_str(), std::path::Path::new(&out), 1400, 900)?;
     println!("saved {out}");
     Ok(())
 }

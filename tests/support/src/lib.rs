@@ -20,6 +20,7 @@ mod mosquitto;
 mod prometheus;
 mod proxy;
 mod publish;
+mod screenshot;
 mod tls_front;
 mod write_refusing_proxy;
 
@@ -32,6 +33,7 @@ pub use mosquitto::Mosquitto;
 pub use prometheus::Prometheus;
 pub use proxy::{Cutter, DelayProxy, Mqtt311Only};
 pub use publish::Publisher;
+pub use screenshot::screenshot;
 pub use tls_front::TlsFront;
 pub use write_refusing_proxy::{Refusal, WriteRefusingProxy};
 
