@@ -178,18 +178,31 @@ pub async fn migrate(pool: &MySqlPool) -> Result<(), crate::migrate::MigrateErro
 }
 
 /// Seeds one broker row when `mqtt_servers` is empty, in one statement so two instances
-/// starting together cannot both seed.
+/// starting together cannot both seed. Instances that start together do collide on it: InnoDB
+/// lets one insert and answers the others with a deadlock, after which they find the row.
 pub async fn seed_default_broker(pool: &MySqlPool, host: &str, port: u16) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO mqtt_servers (host, port, username, password, enabled, is_default) \
-         SELECT ?, ?, NULL, NULL, TRUE, TRUE FROM DUAL \
-         WHERE NOT EXISTS (SELECT 1 FROM mqtt_servers)",
-    )
-    .bind(host)
-    .bind(i32::from(port))
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    const ATTEMPTS: u32 = 20;
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+    let mut attempt = 1;
+    loop {
+        let done = sqlx::query(
+            "INSERT INTO mqtt_servers (host, port, username, password, enabled, is_default) \
+             SELECT ?, ?, NULL, NULL, TRUE, TRUE FROM DUAL \
+             WHERE NOT EXISTS (SELECT 1 FROM mqtt_servers)",
+        )
+        .bind(host)
+        .bind(i32::from(port))
+        .execute(pool)
+        .await;
+        match done {
+            Ok(done) => return Ok(done.rows_affected() == 1),
+            Err(error) if conflict(&error) && attempt < ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(backoff.step()).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// The original's choice: the first enabled row, default rows first, then by id.
@@ -254,11 +267,13 @@ pub fn connection_lost(error: &sqlx::Error) -> bool {
 }
 
 /// A deadlock or a Galera certification conflict (both 1213): another writer won a race for the
-/// same rows. Routine with several instances; the transaction is simply run again. A lock wait
-/// timeout (1205) is not one: a lock held past [`LOCK_WAIT`] is the database not taking writes
-/// (see [`lock_wait`]).
+/// same rows. Routine with several instances; the transaction is simply run again. InnoDB
+/// reports a deadlock met on a table's auto-increment lock (two `INSERT ... SELECT` at once) as
+/// 1467, "Failed to read auto-increment value", so that counts too. A lock wait timeout (1205)
+/// is not one: a lock held past [`LOCK_WAIT`] is the database not taking writes (see
+/// [`lock_wait`]).
 pub fn conflict(error: &sqlx::Error) -> bool {
-    matches!(error_code(error), Some(1213))
+    matches!(error_code(error), Some(1213 | 1467))
 }
 
 /// A write that waited [`LOCK_WAIT`] for a lock someone else holds (`FLUSH TABLES WITH READ

@@ -202,9 +202,10 @@ fn passing(error: &MigrateError) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.try_downcast_ref::<MySqlDatabaseError>().is_some_and(|e| {
-            // duplicate key, lock wait timeout, deadlock or certification conflict, Galera
-            // node not ready, server shutting down, too many connections
-            matches!(e.number(), 1205 | 1213 | 1047 | 1053 | 1040) || (bookkeeping && e.number() == 1062)
+            // duplicate key, lock wait timeout, deadlock (1467 on an auto-increment lock) or
+            // certification conflict, Galera node not ready, server shutting down, too many connections
+            matches!(e.number(), 1205 | 1213 | 1467 | 1047 | 1053 | 1040)
+                || (bookkeeping && e.number() == 1062)
         }),
         _ => false,
     }

@@ -135,3 +135,33 @@ async fn a_start_waits_for_a_migration_in_progress_and_says_so() {
         sqlx::query_scalar(&format!("SELECT RELEASE_LOCK({lock})")).fetch_one(&mut *holder).await.unwrap();
     wait_log(&gateway, "Gateway ready").await;
 }
+
+/// Instances seeding an empty `mqtt_servers` at the same moment: InnoDB answers the losers of
+/// `INSERT ... SELECT ... WHERE NOT EXISTS` with a deadlock, or with 1467 when they met on the
+/// auto-increment lock. Neither is about the start; every instance must get past it.
+#[tokio::test]
+async fn instances_seeding_the_broker_at_the_same_moment_all_start_and_seed_one_row() {
+    let env = TestEnv::new().await;
+    // A pool each, as separate instances have: one shared pool would queue the statements.
+    let options = (*env.pool.connect_options()).clone();
+    let mut instances = Vec::new();
+    for _ in 0..6 {
+        let pool =
+            sqlx::mysql::MySqlPoolOptions::new().max_connections(1).connect_with(options.clone()).await;
+        instances.push(pool.unwrap());
+    }
+    for round in 0..300 {
+        env.exec("DELETE FROM mqtt_servers").await;
+        let seeds =
+            instances.iter().map(|pool| mqtt_gateway::db::seed_default_broker(pool, "localhost", 1883));
+        let outcomes = futures_util::future::join_all(seeds).await;
+        let seeded = outcomes.iter().filter(|o| matches!(o, Ok(true))).count();
+        let errors: Vec<String> =
+            outcomes.iter().filter_map(|o| o.as_ref().err()).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "round {round}: {errors:?}");
+        assert_eq!(seeded, 1, "round {round}: one instance seeds");
+        let rows: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM mqtt_servers").fetch_one(&env.pool).await.unwrap();
+        assert_eq!(rows, 1, "round {round}");
+    }
+}
