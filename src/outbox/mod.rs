@@ -227,7 +227,9 @@ impl Outbox {
                 // The processor names the flows it wrote requests for; the schedule of every
                 // flow is read once per IDLE_POLL, for retries (this instance's or another's),
                 // requests left by an earlier run or an instance that died, and edited flows.
-                if now >= next_scan || self.signal.take_flows_changed() {
+                // Taken whatever the time, or it would bring a second scan on the next turn.
+                let flows_changed = self.signal.take_flows_changed();
+                if now >= next_scan || flows_changed {
                     next_scan = now + IDLE_POLL;
                     match health.within(Part::Outbox, db::ANSWER_WITHIN, self.read_schedule()).await {
                         Some(Some(read)) => known = read,

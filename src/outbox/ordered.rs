@@ -8,8 +8,10 @@
 
 use super::lease::Lease;
 use super::queue::Queued;
-use super::round::{Answer, Linger, Next, Recorded, CURSOR_REWIND, FIRST_RETRY, PAGE, RECORD_WINDOW};
-use super::{Endpoint, Outbox};
+use super::round::{
+    Answer, Current, Linger, Next, Recorded, CURSOR_REWIND, FIRST_RETRY, PAGE, RECORD_WINDOW,
+};
+use super::Outbox;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +27,9 @@ enum Run {
     Failed(std::time::Duration),
     /// Shutdown: what was sent is recorded.
     Stopped,
+    /// The flow's row changed under the run (held, deleted, another URL): what was sent is
+    /// recorded, and the round ends with this.
+    Ended(Next),
     Lost,
     DbError,
 }
@@ -33,7 +38,7 @@ impl Outbox {
     pub(super) async fn deliver_in_order(
         &self,
         lease: &Lease,
-        mut endpoint: Endpoint,
+        mut current: Current,
         wake: &Notify,
         shutdown: &CancellationToken,
     ) -> Next {
@@ -45,21 +50,12 @@ impl Outbox {
         let mut rewind_at = Instant::now() + CURSOR_REWIND;
         let mut ahead = 1usize;
         let mut lingered_out = false;
-        let mut first = true;
         loop {
             if shutdown.is_cancelled() {
                 return Next::Idle;
             }
             if Instant::now() >= rewind_at {
                 (cursor, rewind_at) = (0, Instant::now() + CURSOR_REWIND);
-            }
-            // The row again at every page: an edit or a disable applies from the next request.
-            if !std::mem::take(&mut first) {
-                endpoint = match self.destination(lease).await {
-                    Ok(Ok(endpoint)) => endpoint,
-                    Ok(Err(next)) => return next,
-                    Err(()) => return Next::Due(FIRST_RETRY),
-                };
             }
             let page = match self.queue.in_order(flow, cursor, PAGE as i64).await {
                 Ok(page) => page,
@@ -85,8 +81,9 @@ impl Outbox {
             if due == 0 {
                 return Next::Due(head.wait);
             }
-            match self.send_in_order(lease, &endpoint, &page[..due], &mut ahead, shutdown).await {
+            match self.send_in_order(lease, &mut current, &page[..due], &mut ahead, shutdown).await {
                 Run::Done => cursor = page[due - 1].id + 1,
+                Run::Ended(next) => return next,
                 Run::Failed(wait) => return Next::Due(wait),
                 Run::Stopped | Run::Lost => return Next::Idle,
                 Run::DbError => return Next::Due(FIRST_RETRY),
@@ -104,7 +101,7 @@ impl Outbox {
     async fn send_in_order(
         &self,
         lease: &Lease,
-        endpoint: &Endpoint,
+        current: &mut Current,
         due: &[Queued],
         ahead: &mut usize,
         shutdown: &CancellationToken,
@@ -129,6 +126,13 @@ impl Outbox {
             for request in group {
                 // Gone meanwhile (revived and delivered by the operator's hand, say): nothing to send.
                 let Some(body) = bodies.remove(&request.id) else { continue };
+                if let Err(next) = self.still_current(lease, current).await {
+                    return match self.record_run(lease, &mut unrecorded).await {
+                        Ok(_) => Run::Ended(next),
+                        Err(run) => run,
+                    };
+                }
+                let endpoint = &current.endpoint;
                 let started = Instant::now();
                 let Some(result) = lease.while_held(self.sender.send(&endpoint.url, body)).await else {
                     // Still worth recording: if nobody has taken the flow yet, the fence lets it

@@ -282,7 +282,8 @@ impl Queue {
     }
 
     /// Deletes delivered requests of a flow; false (and nothing deleted that the new owner
-    /// still counts on) when this instance no longer owns the flow's lease.
+    /// still counts on) when this instance no longer owns the flow's lease. Fewer rows than
+    /// asked is no proof of that: the operator may have deleted or revived some meanwhile.
     pub async fn delete_delivered(&self, flow: i32, ids: &[i64]) -> Result<bool, sqlx::Error> {
         if ids.is_empty() {
             return Ok(true);
@@ -301,12 +302,15 @@ impl Queue {
             async move { delete.build().execute(&self.pool).await }
         })
         .await?;
-        Ok(done.rows_affected() == ids.len() as u64)
+        if done.rows_affected() == ids.len() as u64 {
+            return Ok(true);
+        }
+        self.owns(flow).await
     }
 
     /// Records a failed attempt at `url`: due again after `delay`, or dead. False when this
     /// instance no longer owns the flow's lease.
-    pub async fn reschedule(&self, id: i64, failed: &Failed<'_>) -> Result<bool, sqlx::Error> {
+    pub async fn reschedule(&self, flow: i32, id: i64, failed: &Failed<'_>) -> Result<bool, sqlx::Error> {
         let done = retrying(|| {
             sqlx::query(
                 "UPDATE gateway_outbox AS o JOIN gateway_outbox_leases AS l ON l.flow_id = o.flow_id \
@@ -324,7 +328,11 @@ impl Queue {
             .execute(&self.pool)
         })
         .await?;
-        Ok(done.rows_affected() != 0)
+        if done.rows_affected() != 0 {
+            return Ok(true);
+        }
+        // The request may be gone by the operator's hand rather than the lease.
+        self.owns(flow).await
     }
 
     /// Makes every request of the flow that waits for a retry due now: its flow's URL changed

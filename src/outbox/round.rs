@@ -27,6 +27,10 @@ pub(super) const RECORD_WINDOW: Duration = Duration::from_millis(20);
 /// statements of the six each request needed. Another instance's requests of the flow wait
 /// this long at most, since a lingering delivery reads the table when it ends.
 const LINGER: Duration = Duration::from_millis(250);
+/// How old the flow's row, as last read, may be when a request leaves: an edit, a disable or a
+/// delete applies within this long, even in the middle of a long run of requests to a slow
+/// endpoint. One read of one row per second of sending.
+pub(super) const FRESH_FOR: Duration = Duration::from_secs(1);
 /// The wait after the database failed a delivery's statement.
 pub(super) const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// A permanent failure (say, 400) may be a deployment in progress; a few attempts, not more.
@@ -59,6 +63,18 @@ pub(super) struct Recorded {
     pub died: HashSet<i64>,
     /// The soonest retry scheduled.
     pub soonest: Option<Duration>,
+}
+
+/// The endpoint a round sends to, and when the flow's row last named it.
+pub(super) struct Current {
+    pub endpoint: Endpoint,
+    read_at: Instant,
+}
+
+impl Current {
+    pub fn new(endpoint: Endpoint) -> Current {
+        Current { endpoint, read_at: Instant::now() }
+    }
 }
 
 /// How waiting for more requests of a flow ended.
@@ -122,10 +138,11 @@ impl Outbox {
                 return Next::Due(FIRST_RETRY);
             }
         }
+        let current = Current::new(endpoint);
         if self.settings.ordered {
-            self.deliver_in_order(lease, endpoint, wake, shutdown).await
+            self.deliver_in_order(lease, current, wake, shutdown).await
         } else {
-            self.deliver_unordered(lease, endpoint, wake, shutdown).await
+            self.deliver_unordered(lease, current, wake, shutdown).await
         }
     }
 
@@ -167,6 +184,25 @@ impl Outbox {
                     Err(())
                 }
             },
+        }
+    }
+
+    /// Reads the flow's row again once `current` is older than [`FRESH_FOR`]. `Err` is what the
+    /// round ends with: the flow is held or deleted now, or names another URL (a new round then
+    /// starts at once, which voids the retries the old URL's answers scheduled), or the database
+    /// cannot say.
+    pub(super) async fn still_current(&self, lease: &Lease, current: &mut Current) -> Result<(), Next> {
+        if current.read_at.elapsed() < FRESH_FOR {
+            return Ok(());
+        }
+        match self.destination(lease).await {
+            Ok(Ok(now)) if now.raw == current.endpoint.raw => {
+                current.read_at = Instant::now();
+                Ok(())
+            }
+            Ok(Ok(_)) => Err(Next::Due(Duration::ZERO)),
+            Ok(Err(next)) => Err(next),
+            Err(()) => Err(Next::Due(FIRST_RETRY)),
         }
     }
 
@@ -212,7 +248,7 @@ impl Outbox {
             let delay = retry_delay(attempts, failure.retry_after, self.settings.max_retry_delay);
             let error = failure.error.to_string();
             let failed = Failed { url: &answer.endpoint.raw, attempts, error: &error, dead, delay };
-            if !self.queue.reschedule(request.id, &failed).await? {
+            if !self.queue.reschedule(flow, request.id, &failed).await? {
                 return Ok(None);
             }
             if dead {

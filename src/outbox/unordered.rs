@@ -8,8 +8,8 @@
 use super::budget::Grant;
 use super::lease::Lease;
 use super::queue::Queued;
-use super::round::{Answer, Linger, Next, CURSOR_REWIND, FIRST_RETRY, PAGE, RECORD_WINDOW};
-use super::{Endpoint, Outbox};
+use super::round::{Answer, Current, Linger, Next, CURSOR_REWIND, FIRST_RETRY, PAGE, RECORD_WINDOW};
+use super::Outbox;
 use chrono::NaiveDateTime;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
@@ -38,6 +38,8 @@ enum Event {
 struct Pipeline {
     waiting: VecDeque<Queued>,
     sending: JoinSet<Answer>,
+    /// Sent and not yet recorded: the table still holds them as due, so a page read meanwhile
+    /// (after the cursor's rewind) must not send them again.
     in_flight: HashSet<i64>,
     answered: Vec<Answer>,
     /// When the oldest answer not yet recorded arrived.
@@ -54,7 +56,7 @@ impl Outbox {
     pub(super) async fn deliver_unordered(
         &self,
         lease: &Lease,
-        mut endpoint: Endpoint,
+        mut current: Current,
         wake: &Notify,
         shutdown: &CancellationToken,
     ) -> Next {
@@ -69,7 +71,6 @@ impl Outbox {
         // answered: one slow request must not hold back the ones written after it.
         let mut drained = false;
         let mut lingered_out = false;
-        let mut first = true;
         let mut soonest: Option<Duration> = None;
         // Set once the round winds down: nothing more is sent, what is in flight is awaited.
         let mut end: Option<Next> = None;
@@ -99,6 +100,10 @@ impl Outbox {
                         end.get_or_insert(Next::Due(FIRST_RETRY));
                     }
                 }
+                // Recorded (or the round ends): a page read from now on no longer holds them.
+                for answer in &pipe.answered {
+                    pipe.in_flight.remove(&answer.request.id);
+                }
                 pipe.answered.clear();
                 pipe.oldest = None;
             }
@@ -115,28 +120,19 @@ impl Outbox {
                 if Instant::now() >= rewind_at {
                     (after, rewind_at) = (None, Instant::now() + CURSOR_REWIND);
                 }
-                // The row again at every page: an edit or a disable applies from the next request.
-                if !std::mem::take(&mut first) {
-                    match self.destination(lease).await {
-                        Ok(Ok(now)) => endpoint = now,
-                        Ok(Err(next)) => end = Some(next),
-                        Err(()) => end = Some(Next::Due(FIRST_RETRY)),
+                match self.queue.due(flow, after, PAGE as i64).await {
+                    Ok(page) => {
+                        drained = page.len() < PAGE;
+                        if let Some(last) = page.last() {
+                            after = Some((last.due_at, last.id));
+                            lingered_out = false;
+                        }
+                        // A request answered but not yet recorded is still in the table, due.
+                        pipe.waiting.extend(page.into_iter().filter(|r| !pipe.in_flight.contains(&r.id)));
                     }
-                }
-                if end.is_none() {
-                    match self.queue.due(flow, after, PAGE as i64).await {
-                        Ok(page) => {
-                            drained = page.len() < PAGE;
-                            if let Some(last) = page.last() {
-                                after = Some((last.due_at, last.id));
-                                lingered_out = false;
-                            }
-                            pipe.waiting.extend(page.into_iter().filter(|r| !pipe.in_flight.contains(&r.id)));
-                        }
-                        Err(error) => {
-                            tracing::warn!("Outbox cannot read the requests of flow {flow}: {error}");
-                            end = Some(Next::Due(FIRST_RETRY));
-                        }
+                    Err(error) => {
+                        tracing::warn!("Outbox cannot read the requests of flow {flow}: {error}");
+                        end = Some(Next::Due(FIRST_RETRY));
                     }
                 }
                 continue;
@@ -188,19 +184,17 @@ impl Outbox {
                 }
                 Event::Answered(answer) => {
                     pipe.oldest.get_or_insert_with(Instant::now);
-                    pipe.in_flight.remove(&answer.request.id);
                     pipe.answered.push(*answer);
                     // And every other answer already in, without turning the loop for each.
                     while let Some(joined) = pipe.sending.try_join_next() {
                         if let Ok(answer) = joined {
-                            pipe.in_flight.remove(&answer.request.id);
                             pipe.answered.push(answer);
                         }
                     }
                 }
                 Event::Granted(granted) => {
                     grant = None;
-                    if let Err(next) = self.dispatch(lease, &endpoint, granted, &mut pipe).await {
+                    if let Err(next) = self.dispatch(lease, &mut current, granted, &mut pipe).await {
                         end = Some(next);
                     }
                 }
@@ -215,10 +209,12 @@ impl Outbox {
     async fn dispatch(
         &self,
         lease: &Lease,
-        endpoint: &Endpoint,
+        current: &mut Current,
         first: Grant,
         pipe: &mut Pipeline,
     ) -> Result<(), Next> {
+        self.still_current(lease, current).await?;
+        let endpoint = &current.endpoint;
         let mut group = Vec::new();
         group.extend(pipe.waiting.pop_front().map(|request| (request, first)));
         while pipe.sending.len() + group.len() < PAGE {
