@@ -188,7 +188,7 @@ async fn run_with_pool(
         tracing::info!(
             "Gateway ready: {} flows on {} topic filters, broker {} (MQTT {})",
             flows.flows.len(),
-            flows.filters().len(),
+            flows.filter_count(),
             session.address(),
             session.version().name()
         );

@@ -100,10 +100,9 @@ impl Reloader {
                     systemd::ready(&systemd::describe(&self.health, &self.flows.borrow()));
                 }
                 _ = follow.tick() => match flows::table::version(&self.pool).await {
-                    Ok(version) if version != self.version => {
-                        self.version = version;
-                        self.reload_logged(Cause::Followed).await;
-                    }
+                    // The reload takes the version on once it has applied it: a reload that
+                    // fails is tried again on the next tick.
+                    Ok(version) if version != self.version => self.reload_logged(Cause::Followed).await,
                     Ok(_) => {}
                     // The next reload reports a database that stays away.
                     Err(error) => tracing::debug!("Cannot read the flows version: {error}"),
@@ -119,6 +118,9 @@ impl Reloader {
     }
 
     pub async fn reload(&mut self, cause: Cause) -> Result<(), sqlx::Error> {
+        // Read before the rows, so the rows are at least this version: a change made after
+        // this read moves the version past it, and is followed.
+        let seen = flows::table::version(&self.pool).await?;
         let rows = flows::table::enabled(&self.pool).await?;
         // Compared and built off the runtime's thread: with fifty thousand flows that is
         // 20 ms and 125 ms the processor and the session would otherwise stand still for.
@@ -137,8 +139,9 @@ impl Reloader {
                 let wanted = self.flows.borrow().subscriptions();
                 let _ = self.subscriber.want(wanted, SUBSCRIBE_WAIT).await;
             }
+            self.version = seen;
             if cause == Cause::Followed {
-                tracing::info!("Applied flows version {} (the flows were already up to date)", self.version);
+                tracing::info!("Applied flows version {seen} (the flows were already up to date)");
             }
             return Ok(());
         };
@@ -166,12 +169,19 @@ impl Reloader {
             // The session logs what the broker confirms ("Subscribed to", "Unsubscribed from").
             let _ = self.subscriber.want(after, SUBSCRIBE_WAIT).await;
         }
+        self.version = seen;
         match cause {
-            // Announced once applied here: the others follow within FOLLOW_EVERY.
-            Cause::Own => self.version = flows::table::bump_version(&self.pool).await?,
+            // Announced once applied here: the others follow within FOLLOW_EVERY. Taken on only
+            // if no one else moved the version since it was read: a version skipped here would
+            // be a change never followed.
+            Cause::Own => {
+                let bumped = flows::table::bump_version(&self.pool).await?;
+                if bumped == seen + 1 {
+                    self.version = bumped;
+                }
+            }
             Cause::Followed => tracing::info!(
-                "Applied flows version {} (the flows were changed by another instance or the CLI)",
-                self.version
+                "Applied flows version {seen} (the flows were changed by another instance or the CLI)"
             ),
         }
         Ok(())

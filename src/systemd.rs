@@ -128,7 +128,7 @@ pub fn describe(health: &Health, flows: &FlowSet) -> String {
         None => format!(
             "{} flows on {} topic filters; {} messages processed",
             flows.flows.len(),
-            flows.filters().len(),
+            flows.filter_count(),
             health.processed()
         ),
     }
@@ -154,13 +154,16 @@ pub async fn supervise(
     let mut ticker = tokio::time::interval(ping_every);
     let mut last_status = String::new();
     let mut reported_stall = false;
+    // The parts have waited, unpoked, through the whole start (the broker's answers, the
+    // subscriptions): the first tick pokes them all and judges none.
+    let mut first = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
         if watchdog.is_some() {
-            match health.stalled(stuck_after) {
+            match health.stalled(stuck_after).filter(|_| !first) {
                 None => {
                     notify(&["WATCHDOG=1"]);
                     if reported_stall {
@@ -181,7 +184,7 @@ pub async fn supervise(
             }
             // Each quiet part comes back to its loop for this before the next check; an idle
             // one sleeps until then instead of beating on a timer of its own.
-            health.poke_quiet(ping_every / 2);
+            health.poke_quiet(if std::mem::take(&mut first) { Duration::ZERO } else { ping_every / 2 });
         }
         // Sent when it says something new: an idle gateway's does not change.
         let now = describe(&health, &flows.borrow());

@@ -46,6 +46,15 @@ impl Subscriptions {
             None => filter.to_owned(),
         }
     }
+
+    /// The filter a broker form stands for under these settings; `None` for a form of another
+    /// shared group (or of one, without a group now).
+    fn filter_of<'a>(&self, form: &'a str) -> Option<&'a str> {
+        match &self.shared_group {
+            Some(group) => form.strip_prefix("$share/")?.strip_prefix(group.as_str())?.strip_prefix('/'),
+            None => (!form.starts_with("$share/")).then_some(form),
+        }
+    }
 }
 
 /// How the broker answered one filter on the current connection.
@@ -94,8 +103,9 @@ struct Link {
     with_ids: bool,
     granted: BTreeMap<String, Grant>,
     planned: VecDeque<Planned>,
-    /// SUBSCRIBEs sent and not yet answered, by packet id: topic filters.
-    subscribing: HashMap<u16, Vec<String>>,
+    /// SUBSCRIBEs sent and not yet answered, by packet id: topic filters, and the identifier
+    /// they went with (what the broker will hold, whatever is wanted by the time it answers).
+    subscribing: HashMap<u16, (Vec<String>, Option<u32>)>,
     unsubscribing: HashMap<u16, Vec<Leaving>>,
     /// Whether the forms held from earlier connections were looked at (always, with a clean
     /// session: it holds none).
@@ -120,7 +130,7 @@ impl Link {
             Planned::Subscribe { filters, .. } => filters.iter().collect::<Vec<_>>(),
             Planned::Unsubscribe(_) => Vec::new(),
         });
-        self.subscribing.values().flatten().chain(planned).collect()
+        self.subscribing.values().flat_map(|(filters, _)| filters).chain(planned).collect()
     }
 
     /// Everything being unsubscribed, planned or sent.
@@ -187,7 +197,7 @@ impl SubscriptionSync {
 
     /// Records a SUBACK. `None` when it answers nothing we sent on this connection.
     pub fn suback(&mut self, pkid: u16, grants: Grants) -> Option<SubAckReport> {
-        let filters = self.link.subscribing.remove(&pkid)?;
+        let (filters, sent_id) = self.link.subscribing.remove(&pkid)?;
         let mut report = SubAckReport::default();
         let missing = Err(Refusal { code: 0x80, reason: "no answer in the SUBACK", v311_code: 0x80 });
         for (filter, grant) in filters.into_iter().zip(grants.into_iter().chain(std::iter::repeat(missing))) {
@@ -197,7 +207,7 @@ impl SubscriptionSync {
                         report.downgraded.push((filter.clone(), qos));
                     }
                     report.accepted.push(filter.clone());
-                    Grant::Granted { qos, id: self.id_of(&filter) }
+                    Grant::Granted { qos, id: sent_id }
                 }
                 Err(refusal) => {
                     report.refused.push((filter.clone(), refusal.clone()));
@@ -238,9 +248,12 @@ impl SubscriptionSync {
         for leaving in &gone {
             if let Some(filter) = &leaving.filter {
                 self.link.granted.remove(filter);
-                if self.wanted.contains_key(filter) {
-                    wanted_again.push(filter.clone());
-                }
+            }
+            // A form left over from an earlier connection may stand for a filter a reload
+            // made wanted while it was being unsubscribed: that one waited for this answer.
+            let filter = leaving.filter.as_deref().or_else(|| self.forms.filter_of(&leaving.form));
+            if let Some(filter) = filter.filter(|f| self.wanted.contains_key(*f)) {
+                wanted_again.push(filter.to_owned());
             }
         }
         self.plan_subscribe(wanted_again);
@@ -257,7 +270,7 @@ impl SubscriptionSync {
                 Planned::Subscribe { filters, id } => {
                     let forms = filters.iter().map(|f| self.forms.broker_filter(f)).collect();
                     packets.push(Outgoing::Subscribe { pkid, filters: forms, qos: self.forms.qos, id });
-                    self.link.subscribing.insert(pkid, filters);
+                    self.link.subscribing.insert(pkid, (filters, id));
                 }
                 Planned::Unsubscribe(leaving) => {
                     let filters = leaving.iter().map(|l| l.form.clone()).collect();
@@ -277,12 +290,18 @@ impl SubscriptionSync {
     /// Plans the SUBSCRIBEs and UNSUBSCRIBEs that bring the connection to the wanted set.
     fn sync(&mut self) {
         let subscribing = self.link.subscribing();
-        let leaving: BTreeSet<&String> = self.link.leaving().filter_map(|l| l.filter.as_ref()).collect();
-        // A filter still being unsubscribed waits for its UNSUBACK, which syncs again.
+        // A filter still being unsubscribed (in its own name, or as a form left over from an
+        // earlier connection) waits for its UNSUBACK, which subscribes it again: sent at once,
+        // the SUBSCRIBE's record would be undone by that answer.
+        let leaving: BTreeSet<&str> = self
+            .link
+            .leaving()
+            .filter_map(|l| l.filter.as_deref().or_else(|| self.forms.filter_of(&l.form)))
+            .collect();
         let new: Vec<String> = self
             .wanted
             .keys()
-            .filter(|f| !subscribing.contains(f) && !leaving.contains(f))
+            .filter(|f| !subscribing.contains(f) && !leaving.contains(f.as_str()))
             .filter(|f| match self.link.granted.get(*f) {
                 None => true,
                 Some(Grant::Granted { id, .. }) => *id != self.id_of(f),
@@ -296,7 +315,7 @@ impl SubscriptionSync {
             .iter()
             .filter(|(f, grant)| {
                 !self.wanted.contains_key(*f)
-                    && !leaving.contains(f)
+                    && !leaving.contains(f.as_str())
                     && matches!(grant, Grant::Granted { .. })
             })
             .map(|(f, _)| Leaving { form: self.forms.broker_filter(f), filter: Some(f.clone()) })
@@ -493,6 +512,57 @@ mod tests {
         let Outgoing::Subscribe { pkid, .. } = next[0] else { panic!() };
         sync.suback(pkid, vec![Ok(QoS::AtLeastOnce)]).unwrap();
         assert!(sync.is_ready());
+    }
+
+    #[test]
+    fn a_leftover_form_wanted_again_while_it_is_unsubscribed_is_subscribed_after_the_unsuback() {
+        let mut sync = SubscriptionSync::new(shared("g"), set(&["a"]));
+        sync.connected(true, false);
+        answer_all(&mut sync);
+        sync.held(Some(forms(&["$share/g/a", "$share/g/old"])));
+        let leaving = sync.packets();
+        assert_eq!(sent(&leaving).1, vec!["$share/g/old"]);
+        // A reload adds a flow on "old" before the broker answered the UNSUBSCRIBE.
+        sync.want(set(&["a", "old"]));
+        assert!(sync.packets().is_empty(), "waits for the UNSUBACK, which would undo its record");
+        let Outgoing::Unsubscribe { pkid, .. } = leaving[0] else { panic!() };
+        assert_eq!(sync.unsuback(pkid).unwrap(), vec!["$share/g/old"]);
+        let next = sync.packets();
+        assert_eq!(sent(&next).0, vec!["$share/g/old"], "subscribed once the form is gone");
+        let Outgoing::Subscribe { pkid, .. } = next[0] else { panic!() };
+        sync.suback(pkid, vec![Ok(QoS::AtLeastOnce)]).unwrap();
+        assert!(sync.is_ready());
+    }
+
+    #[test]
+    fn an_identifier_changed_while_its_subscribe_is_out_is_sent_again_once_answered() {
+        let mut sync = SubscriptionSync::new(shared("g"), set(&["a/#"]));
+        sync.connected(false, true);
+        let packets = sync.packets();
+        let mut changed = set(&["a/#"]);
+        changed.insert("a/#".into(), 9);
+        sync.want(changed);
+        assert!(sync.packets().is_empty(), "waits for the SUBACK");
+        let Outgoing::Subscribe { pkid, id, .. } = &packets[0] else { panic!() };
+        assert_ne!(*id, Some(9));
+        sync.suback(*pkid, vec![Ok(QoS::AtLeastOnce)]).unwrap();
+        let again = sync.packets();
+        assert!(
+            matches!(&again[..], [Outgoing::Subscribe { id: Some(9), filters, .. }] if filters == &["$share/g/a/#"]),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn forms_stand_for_filters_of_their_own_group_only() {
+        let group = shared("g");
+        assert_eq!(group.filter_of("$share/g/a/#"), Some("a/#"));
+        assert_eq!(group.filter_of("$share/g2/a"), None);
+        assert_eq!(group.filter_of("$share/g"), None);
+        assert_eq!(group.filter_of("a"), None);
+        let plain = Subscriptions { qos: QoS::AtLeastOnce, shared_group: None };
+        assert_eq!(plain.filter_of("a/+"), Some("a/+"));
+        assert_eq!(plain.filter_of("$share/g/a"), None);
     }
 
     #[test]
