@@ -13,6 +13,7 @@ use axum::routing::get;
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::MySqlPool;
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,6 +216,35 @@ async fn ready(State(endpoints): State<Endpoints>) -> (StatusCode, String) {
         None => (StatusCode::OK, "ready\n".to_owned()),
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
+}
+
+/// Flow codes whose `mqtt_gateway_last_message_timestamp_seconds` series this process has
+/// made: at most the flows that took a message, never the whole table.
+static REPORTING: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// The `mqtt_gateway_last_message_timestamp_seconds` series of a flow, made on its first message.
+pub fn last_message_gauge(code: &str) -> metrics::Gauge {
+    REPORTING.lock().unwrap_or_else(|p| p.into_inner()).insert(code.to_owned());
+    metrics::gauge!("mqtt_gateway_last_message_timestamp_seconds", "flow" => code.to_owned())
+}
+
+/// Once `flows` is the set messages go to: each flow that reported its last message and is no
+/// longer in it (deleted, disabled, broken) reports 0, which the rules read as "gone", so that
+/// `MqttGatewayFlowQuiet` does not fire for a flow the operator took away. Called between
+/// batches, so that no batch of an older set sets the time again afterwards.
+pub fn forget_flows_gone(flows: &FlowSet) {
+    let mut reporting = REPORTING.lock().unwrap_or_else(|p| p.into_inner());
+    if reporting.is_empty() {
+        return;
+    }
+    let loaded: HashSet<&str> = flows.flows.iter().map(|f| f.code.as_str()).collect();
+    reporting.retain(|code| {
+        let loaded = loaded.contains(code.as_str());
+        if !loaded {
+            metrics::gauge!("mqtt_gateway_last_message_timestamp_seconds", "flow" => code.clone()).set(0.0);
+        }
+        loaded
+    });
 }
 
 /// The flow gauges, after each load.

@@ -56,7 +56,7 @@ impl Processor {
     }
 
     /// Runs until the session closes the channel (at shutdown) and what it holds is written.
-    pub async fn run(self, mut messages: mpsc::UnboundedReceiver<Message>) {
+    pub async fn run(mut self, mut messages: mpsc::UnboundedReceiver<Message>) {
         let mut batch = Vec::with_capacity(self.batch.max_messages);
         loop {
             self.health.beat_processor();
@@ -65,6 +65,11 @@ impl Processor {
                     Some(message) => message,
                     None => break,
                 },
+                // Between batches: no batch of the older set can report a flow after this.
+                Ok(()) = self.flows.changed() => {
+                    crate::metrics::forget_flows_gone(&self.flows.borrow_and_update());
+                    continue;
+                }
                 // The watchdog asks: coming back to the loop is the answer.
                 _ = self.health.poked(Part::Processor) => continue,
             };

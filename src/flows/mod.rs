@@ -80,9 +80,7 @@ impl Flow {
 
     /// `mqtt_gateway_last_message_timestamp_seconds` of this flow.
     pub fn last_message(&self) -> &metrics::Gauge {
-        self.metrics.last_message.get_or_init(
-            || metrics::gauge!("mqtt_gateway_last_message_timestamp_seconds", "flow" => self.code.clone()),
-        )
+        self.metrics.last_message.get_or_init(|| crate::metrics::last_message_gauge(&self.code))
     }
 }
 

@@ -92,3 +92,53 @@ async fn a_bad_metrics_address_is_fatal_and_named() {
     env.set("METRICS_ADDR", "everywhere");
     env.assert_start_fails("invalid environment variable METRICS_ADDR").await;
 }
+
+/// A flow that took messages and is then disabled or deleted reports 0 from the reload on,
+/// which the rules read as "gone" (`MqttGatewayFlowQuiet` must not fire for it); a flow that
+/// stays keeps its time, and one that never took a message has no series.
+#[tokio::test]
+async fn a_flow_taken_away_reports_its_last_message_as_zero() {
+    let mut env = TestEnv::new().await;
+    let port = testkit::free_port();
+    env.set("METRICS_ADDR", format!("127.0.0.1:{port}"));
+    let (stays, goes, deleted) = (env.topic("stays"), env.topic("goes"), env.topic("deleted"));
+    env.add_flow("STAYS", &stays, "STORE_DB", "{}", None).await;
+    let goes_id = env.add_flow("GOES", &goes, "STORE_DB", "{}", None).await;
+    let deleted_id = env.add_flow("DELETED", &deleted, "STORE_DB", "{}", None).await;
+    env.add_flow("IDLE", &env.topic("idle"), "STORE_DB", "{}", None).await;
+    let gateway = env.start().await;
+    for topic in [&stays, &goes, &deleted] {
+        publish(topic, &[br#"{"v": 1}"#]).await;
+    }
+    for code in ["STAYS", "GOES", "DELETED"] {
+        env.wait_counter(code, 1).await;
+    }
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let gauge = |text: &str, code: &str| -> Option<f64> {
+        let prefix = format!(r#"mqtt_gateway_last_message_timestamp_seconds{{flow="{code}"}} "#);
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map(|v| v.parse().unwrap())
+    };
+    poll_until("every time reported", WAIT, || async {
+        let text = get(&url).await.1;
+        match ["STAYS", "GOES", "DELETED"].iter().all(|c| gauge(&text, c).is_some_and(|v| v > 0.0)) {
+            true => Ok(()),
+            false => Err(text),
+        }
+    })
+    .await;
+
+    env.exec(&format!("UPDATE flows SET enabled = FALSE WHERE id = {goes_id}")).await;
+    env.exec(&format!("DELETE FROM flows WHERE id = {deleted_id}")).await;
+    gateway.signal(libc::SIGHUP);
+    poll_until("the flows taken away to report 0", WAIT, || async {
+        let text = get(&url).await.1;
+        match (gauge(&text, "GOES"), gauge(&text, "DELETED")) {
+            (Some(0.0), Some(0.0)) => Ok(()),
+            _ => Err(text),
+        }
+    })
+    .await;
+    let text = get(&url).await.1;
+    assert!(gauge(&text, "STAYS").is_some_and(|v| v > 1e9), "{text}");
+    assert_eq!(gauge(&text, "IDLE"), None, "{text}");
+}
