@@ -70,6 +70,19 @@ let
     }
   );
 
+  # Where this host's Prometheus reaches `metrics.address`: a wildcard address listens on the
+  # loopback interface too.
+  scrapeTarget =
+    let
+      address = cfg.metrics.address;
+    in
+    if lib.hasPrefix "0.0.0.0:" address then
+      "127.0.0.1:" + lib.removePrefix "0.0.0.0:" address
+    else if lib.hasPrefix "[::]:" address then
+      "[::1]:" + lib.removePrefix "[::]:" address
+    else
+      address;
+
   environment = lib.filterAttrs (_: value: value != null) (
     {
       DB_NAME = cfg.database.name;
@@ -114,6 +127,7 @@ let
       MAX_IN_FLIGHT_BYTES = toString cfg.maxInFlightBytes;
       BATCH_MAX_MESSAGES = toString cfg.batch.maxMessages;
       BATCH_MAX_DELAY_MS = toString cfg.batch.maxDelayMs;
+      METRICS_ADDR = cfg.metrics.address;
       LOG_DIR = if cfg.logDir then "/var/log/mqtt-gateway" else null;
       LOG_FORMAT = "journald";
       RUST_LOG = cfg.logLevel;
@@ -392,17 +406,40 @@ in
       description = "systemd restarts the gateway when a task of its pipeline is stuck: it has not come back to its loop for half this many seconds while waiting on nothing that ends by itself. Waiting for the database (a lock, an outage) is not stuck: it is held and reported.";
     };
 
+    metrics.address = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "127.0.0.1:9464";
+      description = ''
+        Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this address and port
+        (`METRICS_ADDR`); null: off. With Prometheus on this host, the module also adds the
+        gateway's rules and a scrape job for this address (see `prometheus.*`).
+      '';
+    };
+
     prometheus = {
       addRules = mkOption {
         type = types.bool;
-        default = true;
+        default = cfg.metrics.address != null;
+        defaultText = lib.literalExpression "config.services.mqtt-gateway.metrics.address != null";
         description = ''
           When Prometheus runs on this host (`services.prometheus.enable`), add the gateway's
           alerting and recording rules (the package's
           `share/mqtt-gateway/prometheus/mqtt-gateway.rules.yml`; the README's "Alerts" says what
           each alert means and what to do) to `services.prometheus.ruleFiles`. They expect the
-          gateway's `METRICS_ADDR` scraped as job `mqtt-gateway`: `MqttGatewayTargetMissing`
-          fires until it is.
+          gateway's metrics scraped as job `mqtt-gateway` (`prometheus.scrape` adds that job):
+          `MqttGatewayTargetMissing` fires until they are. On by default once `metrics.address`
+          is set, since the alerts can only work then.
+        '';
+      };
+      scrape = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          When Prometheus runs on this host and `metrics.address` is set, add the scrape job
+          `mqtt-gateway` for it to `services.prometheus.scrapeConfigs` (an address on every
+          interface, `0.0.0.0` or `[::]`, is scraped on the loopback one). Turn it off to write
+          the job yourself: the rules expect that job name.
         '';
       };
       quietAfter = {
@@ -500,7 +537,7 @@ in
       }
       {
         assertion = cfg.prometheus.addRules || (quietAfter.default == null && quietAfter.flows == { });
-        message = "services.mqtt-gateway: prometheus.quietAfter sets thresholds for the shipped rules, which prometheus.addRules = false leaves out; enable addRules or remove quietAfter.";
+        message = "services.mqtt-gateway: prometheus.quietAfter sets thresholds for the shipped rules, which are left out (prometheus.addRules is false; it is on by default once metrics.address is set); set metrics.address, or remove quietAfter.";
       }
       {
         assertion =
@@ -526,7 +563,17 @@ in
       ];
     };
 
-    # Only where Prometheus runs: a Prometheus elsewhere loads the same file from the package.
+    # Only where Prometheus runs: a Prometheus elsewhere loads the same file from the package,
+    # and scrapes the address it can reach.
+    services.prometheus.scrapeConfigs =
+      mkIf (cfg.prometheus.scrape && cfg.metrics.address != null && config.services.prometheus.enable)
+        [
+          {
+            job_name = "mqtt-gateway";
+            static_configs = [ { targets = [ scrapeTarget ]; } ];
+          }
+        ];
+
     services.prometheus.ruleFiles =
       mkIf (cfg.prometheus.addRules && config.services.prometheus.enable)
         ([ rulesFile ] ++ optional (quietAfter.default != null || quietAfter.flows != { }) quietAfterRules);
