@@ -38,6 +38,15 @@ let
     types.externalPath
       or (types.addCheck types.str (s: lib.hasPrefix "/" s && !lib.hasPrefix builtins.storeDir s));
 
+  # What the binary parses as a socket address: an IPv4 address or a bracketed IPv6 one, and a
+  # port (`127.0.0.1:9464`, `[::]:9464`); a host name is not one.
+  socketAddress =
+    let
+      octet = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+      port = "([0-9]|[1-9][0-9]{1,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])";
+    in
+    types.strMatching "(${octet}(\\.${octet}){3}|\\[[0-9a-fA-F:.]+]):${port}";
+
   # A secret file for systemd to read into the credentials directory (`%d/<name>`).
   credential = name: file: optional (file != null) "${name}:${file}";
 
@@ -407,7 +416,7 @@ in
     };
 
     metrics.address = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr socketAddress;
       default = null;
       example = "127.0.0.1:9464";
       description = ''

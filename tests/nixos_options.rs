@@ -147,6 +147,15 @@ fn samples(ty: &str) -> Vec<Value> {
         "types.nonEmptyStr" => strs(&["x", "a/b+#", " x "]),
         "types.path" => strs(&["/etc/ssl/a.pem", "/nix/store/0000000000000000000000000000000-a.pem"]),
         "secretPath" => strs(&["/run/secrets/a"]),
+        // The module's `socketAddress`: the extremes of both forms and of the port.
+        "socketAddress" => strs(&[
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "127.0.0.1:9464",
+            "[::]:9464",
+            "[::1]:1",
+            "[fe80::1]:80",
+        ]),
         _ => {
             if let Some(range) = ty.strip_prefix("types.ints.between ") {
                 let (low, high) = range.split_once(' ').expect("between LOW HIGH");
