@@ -221,7 +221,7 @@ impl Bench {
         Ok((body.len(), ms))
     }
 
-    /// Wakeups per second of a gateway with three flows and no traffic, over ten seconds.
+    /// Wakeups per second of a gateway with three flows and no traffic, over ten seconds (thirty with the watchdog, to take in a whole interval).
     /// With `watchdog`, under a service manager's notify socket and a 30 s watchdog, as the
     /// NixOS and Debian units run it.
     async fn idle_wakeups(&self, watchdog: bool) -> anyhow::Result<f64> {
