@@ -30,13 +30,11 @@ const NOT_SETTINGS: [(&str, &str); 6] = [
 ];
 
 /// Settings the module deliberately has no option for, and how a NixOS user sets them.
-const NOT_MODULE_OPTIONS: [(&str, &str); 4] = [
+const NOT_MODULE_OPTIONS: [(&str, &str); 3] = [
     // Secrets: the module passes the password as a credential, never as a variable.
     ("DB_PASSWORD", "database.passwordFile, passed with LoadCredential as db-password"),
     ("DB_PASSWORD_FILE", "database.passwordFile, passed with LoadCredential as db-password"),
     ("CREDENTIALS_DIRECTORY", "set by systemd from the unit's LoadCredential"),
-    // Off unless asked for; a listening address is the site's choice.
-    ("METRICS_ADDR", "extraEnvironment.METRICS_ADDR = \"127.0.0.1:9464\""),
 ];
 
 /// The fields of `struct Raw` in `config.rs`, as the variable names envy reads.
