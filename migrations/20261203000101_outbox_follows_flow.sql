@@ -5,7 +5,14 @@
 -- by bytes without reading bodies. NULL for rows an older version wrote while this one ran:
 -- deliverers read those alone.
 ALTER TABLE gateway_outbox ADD COLUMN IF NOT EXISTS body_bytes INT NULL;
-UPDATE gateway_outbox SET body_bytes = LENGTH(body) WHERE body_bytes IS NULL;
+-- The rows already there, a few hundred per transaction: an upgrade comes after an endpoint
+-- outage as often as not, and one transaction over a large backlog of bodies would be one
+-- write set beyond Galera's wsrep_max_ws_size (or a long lock on a single server).
+BEGIN NOT ATOMIC
+    REPEAT
+        UPDATE gateway_outbox SET body_bytes = LENGTH(body) WHERE body_bytes IS NULL LIMIT 500;
+    UNTIL ROW_COUNT() = 0 END REPEAT;
+END;
 
 -- The schedule, per flow, by index: when each flow is next due (the smallest and largest
 -- next_attempt_at of its live requests, two index dives per flow, since flow_id leads), and each
