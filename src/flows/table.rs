@@ -48,7 +48,7 @@ pub async fn advance_counters(
     if counts.is_empty() {
         return Ok(BTreeMap::new());
     }
-    if let [(&flow, &count)] = counts.iter().collect::<Vec<_>>()[..] {
+    if let (1, Some((&flow, &count))) = (counts.len(), counts.first_key_value()) {
         // One flow: one statement.
         return match advance_counter(tx, flow, count).await {
             Ok(last) => Ok(BTreeMap::from([(flow, last)])),
