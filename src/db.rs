@@ -181,11 +181,8 @@ pub async fn migrate(pool: &MySqlPool) -> Result<(), crate::migrate::MigrateErro
 /// starting together cannot both seed. Instances that start together do collide on it: InnoDB
 /// lets one insert and answers the others with a deadlock, after which they find the row.
 pub async fn seed_default_broker(pool: &MySqlPool, host: &str, port: u16) -> Result<bool, sqlx::Error> {
-    const ATTEMPTS: u32 = 20;
-    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
-    let mut attempt = 1;
-    loop {
-        let done = sqlx::query(
+    let done = retrying_conflicts(|| {
+        sqlx::query(
             "INSERT INTO mqtt_servers (host, port, username, password, enabled, is_default) \
              SELECT ?, ?, NULL, NULL, TRUE, TRUE FROM DUAL \
              WHERE NOT EXISTS (SELECT 1 FROM mqtt_servers)",
@@ -193,16 +190,9 @@ pub async fn seed_default_broker(pool: &MySqlPool, host: &str, port: u16) -> Res
         .bind(host)
         .bind(i32::from(port))
         .execute(pool)
-        .await;
-        match done {
-            Ok(done) => return Ok(done.rows_affected() == 1),
-            Err(error) if conflict(&error) && attempt < ATTEMPTS => {
-                attempt += 1;
-                tokio::time::sleep(backoff.step()).await;
-            }
-            Err(error) => return Err(error),
-        }
-    }
+    })
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// The original's choice: the first enabled row, default rows first, then by id.
@@ -274,6 +264,30 @@ pub fn connection_lost(error: &sqlx::Error) -> bool {
 /// [`lock_wait`]).
 pub fn conflict(error: &sqlx::Error) -> bool {
     matches!(error_code(error), Some(1213 | 1467))
+}
+
+/// Conflicts one statement is run again after.
+const CONFLICT_RETRIES: u32 = 5;
+
+/// Runs one autocommitted statement, and again after a [`conflict`] (the statement was rolled
+/// back, so running it again is running it once), up to [`CONFLICT_RETRIES`] times, a few
+/// milliseconds apart with jitter so that the writers that collided do not collide again.
+pub async fn retrying_conflicts<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut conflicts = 0;
+    loop {
+        match statement().await {
+            Err(error) if conflict(&error) && conflicts < CONFLICT_RETRIES => {
+                conflicts += 1;
+                tracing::debug!("Write conflict ({error}); running it again");
+                tokio::time::sleep(Duration::from_millis(rand::random_range(5..50))).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// A write that waited [`LOCK_WAIT`] for a lock someone else holds (`FLUSH TABLES WITH READ

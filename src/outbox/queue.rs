@@ -19,12 +19,14 @@ mod leases;
 
 pub use admin::*;
 
-use crate::db;
+// Every write of the outbox: seen in the Galera scenario, a delivery whose DELETE lost a
+// certification conflict counted as failed to record, and the next holder sent its requests
+// again.
+use crate::db::retrying_conflicts as retrying;
 use chrono::NaiveDateTime;
 use futures_util::TryStreamExt;
 use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
 /// Bodies longer than this are read in pieces of this size.
@@ -403,31 +405,5 @@ fn target(exists: bool, enabled: bool, action: Option<String>, endpoint_url: Opt
     match exists {
         false => Target::Deleted,
         true => Target::Row { enabled, action: action.unwrap_or_default(), endpoint_url },
-    }
-}
-
-/// Conflicts one statement is run again after.
-const CONFLICT_RETRIES: u32 = 5;
-
-/// Runs one autocommitted statement, and again after a conflict (a deadlock, or a Galera
-/// certification conflict with another instance's write; the statement was rolled back, so
-/// running it again is running it once), up to [`CONFLICT_RETRIES`] times. Seen in the Galera
-/// scenario: a delivery whose DELETE lost such a race counted as failed to record, and the
-/// next holder sent its requests again.
-async fn retrying<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
-{
-    let mut conflicts = 0;
-    loop {
-        match statement().await {
-            Err(error) if db::conflict(&error) && conflicts < CONFLICT_RETRIES => {
-                conflicts += 1;
-                tracing::debug!("Outbox write conflict ({error}); running it again");
-                tokio::time::sleep(Duration::from_millis(rand::random_range(5..50))).await;
-            }
-            done => return done,
-        }
     }
 }
