@@ -149,9 +149,10 @@ pub enum Destination {
 /// A flow's endpoint at one read of its row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// The URL, as sent to and as logged (with its password masked).
+    /// The URL as sent to.
     pub url: Arc<str>,
-    /// The row's text, kept with each attempt to tell when the row names another URL.
+    /// The row's text: logged as the original logged it (its password masked), and kept with
+    /// each attempt to tell when the row names another URL.
     pub raw: Arc<str>,
 }
 

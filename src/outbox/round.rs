@@ -239,7 +239,7 @@ impl Outbox {
                 error_kind = "post_failed",
                 "Error posting flow {} to endpoint {}: {}",
                 request.flow_code,
-                super::http::redacted_str(&answer.endpoint.url),
+                super::http::redacted_str(answer.endpoint.raw.trim()),
                 failure.error
             );
             let dead = attempts >= self.settings.max_attempts

@@ -167,7 +167,8 @@ async fn unordered_a_request_refused_for_ten_minutes_delays_no_other() {
         let body = format!(r#"{{"i": {}}}"#, i + 1);
         let arrived = requests.iter().find(|r| r.body_text() == body).expect("arrived").at;
         let took = arrived.saturating_duration_since(*sent);
-        assert!(took <= std::time::Duration::from_secs(2), "request {} took {took:?}", i + 1);
+        // Waiting behind the refused one would take ten minutes; a loaded CI machine, seconds.
+        assert!(took <= std::time::Duration::from_secs(5), "request {} took {took:?}", i + 1);
     }
     let refused = requests.iter().filter(|r| r.body_text() == r#"{"i": 0}"#).count();
     assert_eq!(refused, 1, "the refused one waits for its ten minutes");
@@ -191,7 +192,8 @@ async fn unordered_a_request_in_flight_for_seconds_delays_no_other() {
     publish(&topic, &refs).await;
     eventually("the 10 others", || shared().echo.count(&path) >= 11).await;
     let took = started.elapsed();
-    assert!(took < std::time::Duration::from_secs(3), "the others waited {took:?} for the slow one");
+    // Waiting for the slow one would take its 8 s; a loaded CI machine adds a second or two.
+    assert!(took < std::time::Duration::from_secs(6), "the others waited {took:?} for the slow one");
 }
 
 #[tokio::test]
