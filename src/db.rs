@@ -398,6 +398,28 @@ impl StatementBounds {
         }
         chunks
     }
+
+    /// As [`StatementBounds::chunks`], each chunk cut further into runs of a power of two rows
+    /// (largest first), for the statements written with every batch. A statement's text depends
+    /// on its row count, and sqlx prepares each text once per connection and keeps 100: batches
+    /// of every size from 1 to 500 messages would have the server prepare the statement again for
+    /// most batches. With this ladder there are a dozen texts, prepared once.
+    pub fn ladder<'r, T>(
+        &self,
+        rows: &'r [T],
+        params_per_row: usize,
+        size: impl Fn(&T) -> usize,
+    ) -> Vec<&'r [T]> {
+        let mut runs = Vec::new();
+        for mut chunk in self.chunks(rows, params_per_row, size) {
+            while !chunk.is_empty() {
+                let (run, rest) = chunk.split_at(1 << chunk.len().ilog2());
+                runs.push(run);
+                chunk = rest;
+            }
+        }
+        runs
+    }
 }
 
 /// What one row of bound values costs in an execute packet: each string with its length
@@ -416,6 +438,16 @@ mod tests {
         let rows = [100, 200, 300, 50, 600, 10];
         let chunks = bounds.chunks(&rows, 1, |r| *r);
         assert_eq!(chunks, vec![&[100, 200][..], &[300, 50][..], &[600][..], &[10][..]]);
+    }
+
+    #[test]
+    fn ladder_runs_are_powers_of_two_in_order() {
+        let bounds = StatementBounds { max_packet: usize::MAX / 4 };
+        let rows: Vec<usize> = (0..1000).collect();
+        let runs = bounds.ladder(&rows, 5, |_| 1);
+        assert_eq!(runs.iter().map(|r| r.len()).collect::<Vec<_>>(), vec![512, 256, 128, 64, 32, 8]);
+        assert_eq!(runs.concat(), rows, "every row once, in order");
+        assert!(bounds.ladder(&rows[..0], 5, |_| 1).is_empty());
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub async fn write(
             attributes.0.iter().map(move |attribute| DataRow { flow_code, attribute, msg_id })
         })
         .collect();
-    for chunk in bounds.chunks(&rows, 5, |row| row_bytes(row.flow_code, row.attribute)) {
+    for chunk in bounds.ladder(&rows, 5, |row| row_bytes(row.flow_code, row.attribute)) {
         let mut insert: QueryBuilder<MySql> = QueryBuilder::new(
             "INSERT INTO data (received_at, flow_code, attribute_name, attribute_value, last_msg_id) ",
         );

@@ -35,7 +35,7 @@ pub async fn insert(
     bounds: &StatementBounds,
     rows: &[NewRequest<'_>],
 ) -> Result<(), sqlx::Error> {
-    for chunk in bounds.chunks(rows, 6, NewRequest::bytes) {
+    for chunk in bounds.ladder(rows, 6, NewRequest::bytes) {
         let mut insert: QueryBuilder<MySql> = QueryBuilder::new(
             "INSERT INTO gateway_outbox (flow_id, flow_code, endpoint_url, body, body_bytes, msg_id, created_at, \
              attempts, next_attempt_at, last_error, dead) ",
