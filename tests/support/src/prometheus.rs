@@ -63,9 +63,10 @@ impl Prometheus {
             .with_context(|| format!("cannot start {}", program.display()))?;
         cleanup::register(child.id(), &dir);
         let mut server = Prometheus { port, dir, child: Some(child) };
-        let started = crate::wait_until(Duration::from_secs(30), || {
-            crate::wait_for_port(port, Duration::ZERO)
-                || matches!(server.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))))
+        // Ready, not only listening: Prometheus answers 503 to every API call until its
+        // storage is open, which takes seconds on a loaded machine.
+        let started = crate::wait_until(Duration::from_secs(60), || {
+            answers_ready(port) || matches!(server.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))))
         });
         if !started || matches!(server.child.as_mut().map(Child::try_wait), Some(Ok(Some(_)))) {
             bail!(
@@ -92,4 +93,20 @@ impl Drop for Prometheus {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether Prometheus on `port` says it is ready (`GET /-/ready` answers 200).
+fn answers_ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    ) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut answer = String::new();
+    stream.write_all(b"GET /-/ready HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_ok()
+        && stream.read_to_string(&mut answer).is_ok()
+        && (answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
 }
